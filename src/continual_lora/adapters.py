@@ -1,0 +1,182 @@
+"""LoRA adapters through PEFT: attach, load, merge, read factors, write exact concatenations.
+
+PEFT owns adapter state: adapters are created, loaded, merged and saved through its API. The one
+thing PEFT does not do for us is the math on dense updates (`ΔW = s · B A`); where a strategy needs
+it (Merge & Init's cumulative adapter), the factors are read here and written back as an ordinary
+PEFT adapter that `PeftModel.from_pretrained` loads anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from continual_lora.config import ConfigError
+
+# Default LoRA targets by `config.model_type`, for the encoders users fine-tune most.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"],
+    "electra": ["query", "value"],
+    "ernie": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta": ["in_proj"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "albert": ["query", "value"],
+    "modernbert": ["Wqkv"],
+    "vit": ["q_proj", "v_proj"],
+}
+# Tried in order when the architecture is not in the table.
+FALLBACK_TARGETS = [["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"], ["qkv"]]
+ADAPTABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def candidate_modules(model: nn.Module) -> list[str]:
+    """Short names of modules LoRA can adapt (Linear, Conv, Embedding), sorted."""
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, ADAPTABLE_TYPES) or type(module).__name__ == "Conv1D":
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(n for n in names if n)
+
+
+def _matches(model: nn.Module, target: str) -> bool:
+    return any(name == target or name.endswith("." + target) for name, _ in model.named_modules())
+
+
+def resolve_targets(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """The requested targets, each checked to match a module, or the architecture's defaults."""
+    if requested:
+        missing = [t for t in requested if not _matches(model, t)]
+        if missing:
+            raise ConfigError(
+                f"lora.target_modules: {missing} match no module of this model; "
+                f"candidates: {candidate_modules(model)}"
+            )
+        return list(requested)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS and all(_matches(model, t) for t in DEFAULT_TARGETS[model_type]):
+        return list(DEFAULT_TARGETS[model_type])
+    for targets in FALLBACK_TARGETS:
+        if all(_matches(model, t) for t in targets):
+            return targets
+    raise ConfigError(
+        f"no default LoRA targets for model type {model_type!r}; set lora.target_modules to some "
+        f"of: {candidate_modules(model)}"
+    )
+
+
+def make_lora_config(r: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      bias="none")
+
+
+def attach_lora(backbone: nn.Module, config: LoraConfig, seed: int) -> PeftModel:
+    """Wrap `backbone` with a fresh LoRA adapter (A random, B = 0), initialised from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(backbone, config)
+
+
+def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
+    """Load a user's PEFT adapter onto `backbone`, trainable, refusing a silent partial load."""
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"lora.init_adapter: {path} is not a PEFT adapter folder (no adapter_config.json)"
+        )
+    saved = json.loads(config_file.read_text())
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"lora.init_adapter: {path} is a {saved.get('peft_type')} adapter, "
+                          "not LoRA")
+    try:
+        model = PeftModel.from_pretrained(backbone, str(path), is_trainable=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"lora.init_adapter: {path} does not fit this base model: {exc}") from None
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_trainable == 0:
+        raise ConfigError(f"lora.init_adapter: {path} loaded with 0 trainable parameters")
+    return model
+
+
+@dataclass
+class LoraFactors:
+    """One adapted module's factors: ΔW = scaling · B @ A."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+    def delta(self) -> torch.Tensor:
+        return self.scaling * (self.B.float() @ self.A.float())
+
+
+def lora_factors(model: PeftModel, adapter: str = "default") -> dict[str, LoraFactors]:
+    """Factors of every LoRA-wrapped Linear, keyed by the module path inside the base model."""
+    out = {}
+    prefix = "base_model.model."
+    for name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
+            key = name[len(prefix):] if name.startswith(prefix) else name
+            out[key] = LoraFactors(
+                A=module.lora_A[adapter].weight.detach().float().clone(),
+                B=module.lora_B[adapter].weight.detach().float().clone(),
+                scaling=float(module.scaling[adapter]),
+            )
+    return out
+
+
+def concatenate_factors(history: list[dict[str, LoraFactors]]) -> dict[str, LoraFactors]:
+    """Exact sum of several adapters as one: Σ s_i B_i A_i = [s_1 B_1 … s_k B_k] [A_1; …; A_k].
+
+    The result has rank Σ r_i and scaling 1 (the scalings are folded into B).
+    """
+    keys = sorted(set().union(*history))
+    out = {}
+    for key in keys:
+        parts = [h[key] for h in history if key in h]
+        A = torch.cat([p.A for p in parts], dim=0)
+        B = torch.cat([p.scaling * p.B for p in parts], dim=1)
+        out[key] = LoraFactors(A=A, B=B, scaling=1.0)
+    return out
+
+
+def save_factors_as_adapter(factors: dict[str, LoraFactors], fresh_backbone: nn.Module,
+                            out_dir: Path, base_name: str) -> None:
+    """Write `factors` (all of one rank, scaling 1) as a PEFT adapter, through PEFT's own save.
+
+    `fresh_backbone` is an unmodified copy of the base; PEFT wraps it so that the saved keys and
+    config are exactly what `PeftModel.from_pretrained` expects.
+    """
+    ranks = {f.A.shape[0] for f in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"all modules must share one rank to be saved together, got {ranks}")
+    rank = ranks.pop()
+    targets = sorted(factors)  # full module paths: exact, never matches more than intended
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, bias="none")
+    config.base_model_name_or_path = base_name
+    model = get_peft_model(fresh_backbone, config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            key = name[len("base_model.model."):]
+            if key in factors and hasattr(module, "lora_A"):
+                module.lora_A["default"].weight.copy_(factors[key].A)
+                module.lora_B["default"].weight.copy_(factors[key].B)
+    model.save_pretrained(str(out_dir))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,125 @@
+"""Strategies (× ranks) over one sequence, side by side, in one comparison table.
+
+Bench folder:
+
+    bench.yaml             the resolved bench config
+    runs/<strategy>-r<rank>/   one run folder per row (see runner.py)
+    comparison.md          the table, with the metric definitions under it
+    comparison.csv         the same numbers, machine-readable
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from continual_lora.checkpoint import create_run_dir, write_text_atomic
+from continual_lora.config import BenchConfig, StrategyConfig
+from continual_lora.registry import get_strategy
+from continual_lora.runner import RunResult, run
+
+COLUMNS = [
+    ("strategy", "strategy"), ("rank", "rank"), ("acc", "ACC ↑"), ("forgetting", "Forgetting ↓"),
+    ("bwt", "BWT ↑"), ("fwt", "FWT ↑"), ("plasticity", "Plasticity ↑"),
+    ("upstream_retention", "Upstream retention ↑"), ("trainable_parameters", "Trainable params"),
+    ("wall_seconds", "Wall time (s)"),
+]
+
+DEFINITIONS = """\
+Definitions (R[t, i]: accuracy on task i's held-out split after training through task t; row 0 is
+before training; T tasks; U[t]: upstream score after task t):
+- ACC = (1/T) Σ_i R[T, i]
+- Forgetting = (1/(T-1)) Σ_{i<T} (max_{t∈[i,T-1]} R[t, i] − R[T, i])  (raw, not clipped)
+- BWT = (1/(T-1)) Σ_{i<T} (R[T, i] − R[i, i])
+- FWT = (1/(T-1)) Σ_{i≥2} (R[i-1, i] − R[0, i])  (untrained tasks are scored by their
+  nearest-class-mean head on the current features)
+- Plasticity = (1/T) Σ_i R[i, i]
+- Upstream retention = U[T] / U[0]
+`joint` retrains from the base on all tasks so far: the upper bound on ACC.
+"""
+
+
+def plan_rows(cfg: BenchConfig) -> list[tuple[StrategyConfig, int | None]]:
+    """(strategy, rank) pairs in table order; `joint` added last when asked and missing."""
+    strategies = list(cfg.strategies)
+    if cfg.include_joint and not any(s.name == "joint" for s in strategies):
+        strategies.append(StrategyConfig(name="joint"))
+    ranks = cfg.ranks or [cfg.run.lora.r]
+    rows = []
+    for strategy in strategies:
+        if get_strategy(strategy.name).uses_lora:
+            rows += [(strategy, r) for r in ranks]
+        else:
+            rows.append((strategy, None))
+    return rows
+
+
+def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[Path, list[RunResult]]:
+    bench_dir = create_run_dir(Path(cfg.run.output_dir) / cfg.name, cfg.run.overwrite, echo)
+    write_text_atomic(bench_dir / "bench.yaml",
+                      yaml.safe_dump(cfg.model_dump(mode="json", exclude={"run": {"base_dir"}}),
+                                     sort_keys=False))
+    results: list[RunResult] = []
+    row0 = None  # the starting point is the same for every row: score it once
+    for strategy, rank in plan_rows(cfg):
+        label = f"{strategy.name}-r{rank}" if rank is not None else strategy.name
+        run_cfg = cfg.run.model_copy(deep=True)
+        run_cfg.strategy = strategy
+        run_cfg.name = label
+        if rank is not None:
+            run_cfg.lora.r = rank
+        echo(f"\n=== bench {cfg.name}: {label} ===")
+        result = run(run_cfg, echo=echo, row0=row0, run_dir=bench_dir / "runs" / label)
+        row0 = result.rows[0]
+        results.append(result)
+        write_comparison(bench_dir, results)
+    return bench_dir, results
+
+
+def _fmt(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key == "trainable_parameters":
+        return f"{value:,}"
+    if key == "wall_seconds":
+        return f"{value:.0f}"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def comparison_rows(results: list[RunResult]) -> list[dict]:
+    rows = []
+    for r in results:
+        m = r.metrics
+        rows.append({"strategy": r.strategy, "rank": r.rank, "acc": m["acc"],
+                     "forgetting": m["forgetting"], "bwt": m["bwt"], "fwt": m["fwt"],
+                     "plasticity": m["plasticity"],
+                     "upstream_retention": m.get("upstream_retention"),
+                     "trainable_parameters": r.trainable_parameters,
+                     "wall_seconds": r.wall_seconds, "run_dir": str(r.run_dir)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_fmt(k, row[k]) for k, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join([header, rule, *body])
+
+
+def write_comparison(bench_dir: Path, results: list[RunResult]) -> str:
+    rows = comparison_rows(results)
+    table = format_table(rows)
+    write_text_atomic(bench_dir / "comparison.md", f"{table}\n\n{DEFINITIONS}")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(bench_dir / "comparison.csv", buffer.getvalue())
+    return table

@@ -1,0 +1,351 @@
+"""Typed, strict configuration.
+
+Every field has a type, a default and a one-line docstring. Unknown keys, wrong types and
+impossible values are errors that name the field (pydantic reports the dotted location; we
+re-format it as `train.lr: ...`). A config is a YAML mapping plus dotted command-line overrides
+(`train.lr=1e-4`); values of overrides are parsed as YAML scalars, so `1e-4`, `true` and `[a, b]`
+mean what they look like.
+
+Strategy options are not declared here: each strategy declares its own `Options` model and the
+`strategy.options` mapping is validated against it when the config is loaded, so that adding a
+strategy never touches this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the field and says what to do."""
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Strict):
+    family: Literal["classifier"] = "classifier"
+    """Model family: `classifier` (text encoders with classification heads)."""
+    name_or_path: str = EMBEDDED_MODEL
+    """Hub id or local folder of the base model; `embedded:all-MiniLM-L6-v2` is the offline default."""
+    head: Literal["per_task", "shared"] = "per_task"
+    """`per_task`: one head per task, frozen after it (task-incremental); `shared`: one head over
+    all classes seen so far (class-incremental)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """How token states become one vector per text."""
+    normalize: bool = True
+    """L2-normalise pooled features (cosine classifier); heads then use `logit_scale`."""
+    logit_scale: float = Field(16.0, gt=0)
+    """Multiplier of cosine logits when `normalize` is on (a fixed temperature)."""
+    max_length: int = Field(64, ge=8, le=4096)
+    """Maximum tokens per text; longer texts are truncated."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off by default: only enable it for models you trust."""
+
+
+class LoraConfigModel(Strict):
+    r: int = Field(8, ge=1, le=4096)
+    """LoRA rank."""
+    alpha: float | None = Field(None, gt=0)
+    """LoRA alpha; default 2·r (the incremental-LoRA study's choice)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | None = None
+    """Module names to adapt; default per architecture (BERT: query, value). A name that matches no
+    module is an error listing candidates."""
+    init_adapter: str | None = None
+    """A PEFT adapter folder to continue from (loaded trainable)."""
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+
+
+class TrainConfig(Strict):
+    lr: float = Field(1e-3, gt=0, le=1.0)
+    """Peak learning rate (AdamW)."""
+    head_lr: float | None = Field(None, gt=0, le=10.0)
+    """Learning rate of classification heads; default: `lr`."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on trainable parameters."""
+    batch_size: int = Field(32, ge=1)
+    """Examples per optimisation step."""
+    epochs: float = Field(2.0, gt=0)
+    """Passes over the task's training stream (new data plus any replay, with repeats)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Cap on steps per task (overrides `epochs` when smaller)."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Fraction of each task's steps with linear LR warm-up; then linear decay to 0."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm to this value; null disables."""
+    eval_batch_size: int = Field(128, ge=1)
+    """Examples per no-grad evaluation batch."""
+    log_every: int = Field(10, ge=1)
+    """Write a log line every N steps."""
+
+
+class TaskConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=64)
+    """Task name (letters, digits, `_.-`); used in folder names."""
+    train: str | None = None
+    """Training file (CSV, JSON lines, JSON or Parquet), relative to the config file."""
+    eval: str | None = None
+    """Held-out file (same formats), relative to the config file."""
+    wordnet: list[str] | None = None
+    """Built-in data: WordNet glosses labelled by lexicographer category, one class per entry
+    (`noun.animal`); `noun.animal+noun.plant` makes one class of several categories."""
+    text_column: str = "text"
+    """Column holding the input text."""
+    label_column: str = "label"
+    """Column holding the class label (string or integer)."""
+    train_per_class: int = Field(200, ge=1)
+    """Built-in data only: training examples per class."""
+    eval_per_class: int = Field(100, ge=1)
+    """Built-in data only: held-out examples per class."""
+    max_train_examples: int | None = Field(None, ge=1)
+    """Keep at most this many training examples (a fixed, seeded sample)."""
+    repeats: int = Field(1, ge=1, le=1000)
+    """How many times this source appears per epoch (kohya's num_repeats), as new or replayed data."""
+    weight: float | None = Field(None, gt=0)
+    """Sampling weight of this source in a mixed stream; if any source has one, batches are drawn
+    by weight instead of by repeats."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskConfig:
+        files = self.train is not None or self.eval is not None
+        if files and self.wordnet:
+            raise ValueError("give either `train`+`eval` files or `wordnet` categories, not both")
+        if not files and not self.wordnet:
+            raise ValueError("a task needs `train` and `eval` files, or `wordnet` categories")
+        if files and (self.train is None or self.eval is None):
+            missing = "eval" if self.eval is None else "train"
+            raise ValueError(f"`{missing}` is missing: a task needs both a train and a held-out file")
+        if self.wordnet is not None and len(set(self.wordnet)) < 2:
+            raise ValueError("`wordnet` needs at least two distinct categories (one class each)")
+        return self
+
+
+class UpstreamConfig(Strict):
+    kind: Literal["wordnet_retrieval", "none"] = "wordnet_retrieval"
+    """Upstream probe: `wordnet_retrieval` (find a gloss's word among candidates by embedding
+    similarity, no head involved: the encoder's pretrained skill) or `none`."""
+    size: int = Field(500, ge=10)
+    """Number of gloss/word pairs (each word is a candidate for every gloss)."""
+
+
+class StrategyConfig(Strict):
+    name: str = "naive"
+    """Registered strategy name (see `continual-lora strategies`)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Strategy options, validated by the strategy's own schema."""
+
+
+class RunConfig(Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    """Run name, used in the output folder name."""
+    seed: int = 0
+    """Seed for data sampling, initialisation and shuffling."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The base model."""
+    lora: LoraConfigModel = Field(default_factory=LoraConfigModel)
+    """The LoRA adapter."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """The optimisation schedule, per task."""
+    tasks: list[TaskConfig] = Field(min_length=1)
+    """The task sequence, in order."""
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    """The upstream probe: what the base could do before training."""
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    """How each new task is learned."""
+    output_dir: str = "runs"
+    """Folder under which run folders are created."""
+    overwrite: bool = False
+    """Replace an existing run folder of the same name (off: an existing folder is an error)."""
+    base_dir: str | None = Field(None, exclude=True)
+    """Folder relative paths are resolved against (the config file's folder); set by the loader."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_task_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
+        return tasks
+
+    def resolve_path(self, path: str) -> Path:
+        """A path from the config, resolved against the config file's folder."""
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.base_dir:
+            p = Path(self.base_dir) / p
+        return p
+
+
+class BenchConfig(Strict):
+    """A bench: several strategies (and ranks) over one sequence, side by side."""
+
+    name: str = Field("bench", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    """Bench name, used in the output folder name."""
+    strategies: list[StrategyConfig] = Field(min_length=1)
+    """Strategies to compare (each with its options)."""
+    ranks: list[int] | None = None
+    """LoRA ranks to sweep (default: `run.lora.r` only). Strategies without LoRA run once."""
+    include_joint: bool = True
+    """Add a `joint` row (the upper bound) when it is not already listed."""
+    run: RunConfig
+    """The shared run settings: model, LoRA, schedule, tasks, upstream, output."""
+
+    @field_validator("ranks")
+    @classmethod
+    def _positive_ranks(cls, ranks: list[int] | None) -> list[int] | None:
+        if ranks is not None and (not ranks or any(r < 1 for r in ranks)):
+            raise ValueError("ranks must be a non-empty list of integers ≥ 1")
+        return ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides, with errors that name the field.
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "lora.r=4"]` → nested dict. Values are YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"override {item!r} is not of the form dotted.key=value (e.g. train.lr=1e-4)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        value = _number_if_numeric(value)
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _number_if_numeric(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; on a command line it means a number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Merge `extra` into a copy of `base`, recursing into mappings."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of settings (key: value), "
+            f"found a {type(data).__name__}"
+        )
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: `source: field.path: message (got value)`."""
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the documented fields)"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else (
+            f" (got {got!r})"
+        )
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate_strategy_options(strategy: StrategyConfig, where: str) -> None:
+    """Check `strategy.name` is registered and its options fit the strategy's schema."""
+    from continual_lora.registry import get_strategy, strategy_names
+
+    try:
+        cls = get_strategy(strategy.name)
+    except KeyError:
+        raise ConfigError(
+            f"{where}.name: unknown strategy {strategy.name!r}; "
+            f"available: {', '.join(strategy_names())}"
+        ) from None
+    try:
+        cls.Options.model_validate(strategy.options)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{where}.options")) from None
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
+                    data: dict[str, Any] | None = None) -> RunConfig:
+    """Build a `RunConfig` from a YAML file (or a mapping) plus dotted overrides."""
+    source = str(path) if path else "config"
+    raw = read_yaml_mapping(Path(path)) if path else dict(data or {})
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    if path:
+        raw["base_dir"] = str(Path(path).resolve().parent)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    validate_strategy_options(cfg.strategy, "strategy")
+    return cfg
+
+
+def load_bench_config(path: str | Path | None, overrides: list[str] | None = None,
+                      data: dict[str, Any] | None = None) -> BenchConfig:
+    """Build a `BenchConfig` from a YAML file (or a mapping) plus dotted overrides."""
+    source = str(path) if path else "config"
+    raw = read_yaml_mapping(Path(path)) if path else dict(data or {})
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    if path and isinstance(raw.get("run"), dict):
+        raw["run"] = {**raw["run"], "base_dir": str(Path(path).resolve().parent)}
+    try:
+        cfg = BenchConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    for i, strategy in enumerate(cfg.strategies):
+        validate_strategy_options(strategy, f"strategies.{i}")
+    return cfg
+
+
+def is_bench_config(path: str | Path) -> bool:
+    """A YAML with a `strategies` list is a bench config."""
+    return "strategies" in read_yaml_mapping(Path(path))

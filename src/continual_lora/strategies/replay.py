@@ -1,0 +1,49 @@
+"""replay: train on the new data mixed with a buffer of each earlier task's data."""
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from continual_lora.registry import register_strategy
+from continual_lora.sequence import Source, class_balanced_sample, reservoir_sample
+from continual_lora.strategies.base import Strategy, TaskContext, new_data
+
+
+class ReplayOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    buffer_size: int | None = Field(None, ge=1)
+    """Examples kept per earlier task; null keeps all of them."""
+    selection: Literal["reservoir", "class_balanced"] = "reservoir"
+    """How a buffer is drawn from a task's training data when it is larger than `buffer_size`."""
+
+
+@register_strategy
+class ReplayStrategy(Strategy):
+    """One adapter trained sequentially; task t's stream is the new data plus a buffer of every
+    task < t. Each source keeps its own `repeats`/`weight` from the task config."""
+
+    name = "replay"
+    Options = ReplayOptions
+    needs_old_data = True
+    summary = "mix a buffer of old data into each new task"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.buffers: dict[int, np.ndarray] = {}
+
+    def sources(self, ctx: TaskContext) -> list[Source]:
+        replayed = [Source(old, self.buffers[old.index], old.repeats, old.weight, "replay")
+                    for old in ctx.previous]
+        return [new_data(ctx.task), *replayed]
+
+    def after_task(self, ctx: TaskContext) -> None:
+        task, size = ctx.task, self.options.buffer_size
+        n = len(task.train)
+        if size is None or size >= n:
+            self.buffers[task.index] = np.arange(n)
+        elif self.options.selection == "class_balanced":
+            self.buffers[task.index] = class_balanced_sample(task.train.labels, size, ctx.seed)
+        else:
+            self.buffers[task.index] = reservoir_sample(n, size, ctx.seed)

@@ -1,0 +1,143 @@
+"""The one training loop: setup, loop, log. Read it top to bottom.
+
+Every strategy trains through this function; strategies only add a loss term (`extra_loss`) and
+choose the data (`sources`). Runs on accelerate: one process on CPU or GPU, or several with
+`accelerate launch` / `torchrun`, without changes here.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from continual_lora.families.base import ModelFamily
+from continual_lora.sequence import Stream, TaskData
+from continual_lora.strategies.base import Strategy
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (no trainable parameters, non-finite loss)."""
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    trainable_parameters: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+
+
+def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: list[TaskData],
+               stream: Stream, lr: float, train_cfg, accelerator: Accelerator,
+               log: Callable[[dict], None], global_step: int = 0) -> TrainStats:
+    # --- setup: what trains, with which optimizer and schedule --------------------------------
+    module = family.module
+    backbone_params = [p for p in module.backbone.parameters() if p.requires_grad]
+    head_params = [p for n, p in module.named_parameters()
+                   if p.requires_grad and not n.startswith("backbone.")]
+    n_trainable = sum(p.numel() for p in backbone_params + head_params)
+    if sum(p.numel() for p in backbone_params) == 0:
+        # Heads alone would "train" while the adapter stays as it was: a silent no-op for LoRA.
+        raise TrainingError(
+            f"task {task.name}: the backbone has 0 trainable parameters (is the adapter loaded "
+            "with is_trainable=True? do lora.target_modules match?); refusing to train"
+        )
+    groups = [{"params": backbone_params, "lr": lr}]
+    if head_params:
+        groups.append({"params": head_params, "lr": train_cfg.head_lr or lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+    warmup = int(train_cfg.warmup_ratio * stream.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_warmup_decay(warmup, stream.steps))
+    model, optimizer = accelerator.prepare(module, optimizer)
+    by_index = {t.index: t for t in tasks}
+    names = {t.index: t.name for t in tasks}
+
+    # --- loop --------------------------------------------------------------------------------
+    model.train()
+    progress = _progress(stream.steps, f"task {task.index} {task.name}", accelerator)
+    first_loss = last_loss = math.nan
+    start = time.perf_counter()
+    for step, examples in stream.batches():
+        batch = family.collate(examples, by_index)
+        outputs = family.forward(batch, model)
+        loss = outputs.loss
+        extra = strategy.extra_loss(batch, outputs)
+        total = loss if extra is None else loss + extra
+        if not torch.isfinite(total):
+            raise TrainingError(
+                f"task {task.name}, step {step}: loss is {float(total)} "
+                f"(dtype {total.dtype}); nothing from this task was saved. "
+                "Lower train.lr, or check the data for empty or extreme examples."
+            )
+        accelerator.backward(total)
+        if train_cfg.grad_clip:
+            accelerator.clip_grad_norm_(backbone_params + head_params, train_cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        last_loss = float(total.detach())
+        first_loss = last_loss if step == 0 else first_loss
+        progress.update(last_loss)
+        if step % train_cfg.log_every == 0 or step == stream.steps - 1:
+            per_source = {}
+            for t in torch.unique(batch["task_ids"]).tolist():
+                rows = batch["task_ids"] == t
+                per_source[names[t]] = float(outputs.per_example_loss[rows].mean())
+            log({"event": "step", "task": task.name, "step": step,
+                 "global_step": global_step + step, "loss": last_loss,
+                 "task_loss": float(loss.detach()),
+                 "extra_loss": None if extra is None else float(extra.detach()),
+                 "lr": scheduler.get_last_lr()[0], "loss_by_source": per_source})
+    progress.close()
+    model.eval()
+    accelerator.free_memory()  # drop accelerate's references to this task's model/optimizer
+    return TrainStats(stream.steps, n_trainable, first_loss, last_loss,
+                      time.perf_counter() - start)
+
+
+class _progress:
+    """tqdm on a terminal; on redirected output, a plain line every ~10% of the steps."""
+
+    def __init__(self, total: int, desc: str, accelerator: Accelerator):
+        self.total, self.desc, self.n = total, desc, 0
+        self.enabled = accelerator.is_main_process
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        self.every = max(1, total // 10)
+        self.start = time.perf_counter()
+
+    def update(self, loss: float) -> None:
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.n * (self.total - self.n)
+            print(f"  {self.desc}: step {self.n}/{self.total} loss {loss:.4f} "
+                  f"({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
