@@ -280,11 +280,11 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
     """One line per problem: `source: field.path: message (got value)`."""
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the documented fields)"
@@ -310,7 +310,7 @@ def validate_strategy_options(strategy: StrategyConfig, where: str) -> None:
     try:
         cls.Options.model_validate(strategy.options)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"{where}.options")) from None
+        raise ConfigError(format_validation_error(exc, "config", f"{where}.options")) from None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -63,6 +63,7 @@ class RunResult:
     strategy: str
     rank: int | None
     rows: list[Row] = field(default_factory=list)
+    family: object = None  # the trained model (ModelFamily), for library use; not saved
 
 
 def _seed_everything(seed: int) -> None:
@@ -185,7 +186,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     log({"event": "done", "metrics": {k: v for k, v in summary.items() if k != "flips"}})
     log_file.close()
     return RunResult(run_dir, R, U, summary, max_trainable, wall, cfg.strategy.name,
-                     summary["rank"], rows)
+                     summary["rank"], rows, family)
 
 
 # -- writing the run folder -----------------------------------------------------------------------

@@ -190,9 +190,11 @@ def load_wordnet_task(cfg: TaskConfig, index: int, run: RunConfig,
         # A class of several categories draws from their union, so none of them dominates
         # by size alone: each contributes about equally.
         parts = entry.split("+")
-        pool = [s for part in parts for s in rng.sample(
-            [x for x in groups[part] if x.synset not in exclude],
-            min(len(groups[part]), -(-need // len(parts))))]
+        per_part = -(-need // len(parts))
+        pool = []
+        for part in parts:
+            available = [x for x in groups[part] if x.synset not in exclude]
+            pool += rng.sample(available, min(len(available), per_part))
         if len(pool) < need:
             raise ConfigError(
                 f"{what}.wordnet: {entry} has {len(pool)} glosses, fewer than "

@@ -145,6 +145,6 @@ def check_adapter_tensors(model: PeftModel) -> None:
     bad = [n for n, p in lora.items() if not torch.isfinite(p).all()]
     if bad:
         raise AdapterError(f"non-finite values in {bad[:3]}: refusing to save a broken adapter")
-    if all(float(p.abs().max()) == 0.0 for n, p in lora.items() if "lora_B" in n):
+    if all(float(p.detach().abs().max()) == 0.0 for n, p in lora.items() if "lora_B" in n):
         raise AdapterError("every lora_B is zero: the adapter does nothing (training changed "
                            "nothing?): refusing to save it")
