@@ -8,8 +8,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from continual_lora.checkpoint import RunDirExists
-from continual_lora.config import ConfigError, is_bench_config, load_bench_config, \
-    load_run_config
+from continual_lora.config import ConfigError, is_bench_config, load_bench_config, load_run_config
 from continual_lora.strategies.base import AdapterError
 from continual_lora.trainer import TrainingError
 
@@ -21,7 +20,6 @@ def _demo_config_path() -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from continual_lora.bench import run_bench
 
     overrides = [f"run.output_dir={args.out}"] if args.out else []
     if args.overwrite:
@@ -35,7 +33,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _bench(cfg) -> int:
-    from continual_lora.bench import format_table, run_bench, comparison_rows
+    from continual_lora.bench import comparison_rows, format_table, run_bench
 
     bench_dir, results = run_bench(cfg)
     print("\n" + format_table(comparison_rows(results)))

@@ -29,10 +29,19 @@ import torch
 import yaml
 
 from continual_lora import __version__, metrics
-from continual_lora.adapters import count_parameters, load_adapter, make_lora_config, \
-    resolve_targets
-from continual_lora.checkpoint import atomic_dir, create_run_dir, write_bytes_atomic, \
-    write_json_atomic, write_text_atomic
+from continual_lora.adapters import (
+    count_parameters,
+    load_adapter,
+    make_lora_config,
+    resolve_targets,
+)
+from continual_lora.checkpoint import (
+    atomic_dir,
+    create_run_dir,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from continual_lora.config import RunConfig
 from continual_lora.families.classifier import ClassifierFamily
 from continual_lora.registry import get_strategy

@@ -88,6 +88,11 @@ def read_table(path: Path, text_column: str, label_column: str, what: str) -> tu
             f"{what}: {path.name}: unsupported file type {path.suffix!r}; "
             f"use one of {', '.join(sorted(FILE_FORMATS))}"
         )
+    if fmt in ("csv", "json"):  # datasets' own message for an empty file is cryptic
+        with path.open("rb") as fh:
+            lines = sum(1 for line in fh if line.strip())
+        if lines <= (1 if fmt == "csv" else 0):
+            raise ConfigError(f"{what}: {path} holds no examples")
     from datasets import load_dataset
 
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
