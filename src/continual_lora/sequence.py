@@ -356,11 +356,3 @@ def class_balanced_sample(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
                 picked.append(by_class[c].pop())
     return np.array(sorted(picked), dtype=np.int64)
 
-
-def data_path_is_inside(path: Path, root: Path) -> bool:
-    """True when `path` resolves inside `root` (used to refuse paths escaping a data folder)."""
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False

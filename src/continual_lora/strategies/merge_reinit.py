@@ -14,7 +14,6 @@ from continual_lora.strategies.base import (
     Strategy,
     TaskContext,
     check_adapter_tensors,
-    ensure_adapter,
 )
 
 
@@ -34,9 +33,6 @@ class MergeReinitStrategy(Strategy):
     def __init__(self, options=None):
         super().__init__(options)
         self.history: list[dict[str, LoraFactors]] = []
-
-    def before_task(self, ctx: TaskContext) -> None:
-        ensure_adapter(ctx)
 
     def after_task(self, ctx: TaskContext) -> None:
         peft_model = ctx.family.backbone
