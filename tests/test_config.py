@@ -110,3 +110,41 @@ def test_every_shipped_yaml_validates(path):
 def test_there_are_shipped_configs():
     names = {p.name for p in _all_config_files()}
     assert "demo.yaml" in names and len(names) >= 3
+
+
+@pytest.mark.parametrize("overrides, alpha", [
+    (["lora.r=4"], 8.0),  # default rule 2r
+    (["lora.r=4", "lora.alpha_rule=r"], 4.0),
+    (["lora.r=4", "lora.alpha=32"], 32.0),  # an explicit alpha is fixed
+    (["lora.r=4", "lora.alpha=32", "lora.alpha_rule=fixed"], 32.0),
+])
+def test_alpha_follows_the_rule(overrides, alpha):
+    cfg = load_run_config(None, overrides, data={"tasks": TASKS})
+    assert cfg.lora.effective_alpha == alpha
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["lora.alpha_rule=fixed"], "needs lora.alpha"),
+    (["lora.alpha=16", "lora.alpha_rule=r"], "contradicts alpha_rule 'r'"),
+])
+def test_alpha_rule_conflicts_are_errors(overrides, words):
+    with pytest.raises(ConfigError, match="lora") as info:
+        load_run_config(None, overrides, data={"tasks": TASKS})
+    assert words in str(info.value)
+
+
+def test_rank_sweep_keeps_the_alpha_rule():
+    from continual_lora.bench import plan_rows, row_config
+
+    def alphas(lora: dict) -> dict:
+        bench = load_bench_config(None, data={
+            "strategies": [{"name": "naive"}, {"name": "full_ft"}], "ranks": [1, 4],
+            "include_joint": False, "run": {"tasks": TASKS, "lora": lora}})
+        rows = {row_config(bench, s, r).name: row_config(bench, s, r).lora
+                for s, r in plan_rows(bench)}
+        assert list(rows) == ["naive-r1", "naive-r4", "full_ft"]  # no LoRA: one row
+        return {name: lora.effective_alpha for name, lora in rows.items() if name != "full_ft"}
+
+    assert alphas({}) == {"naive-r1": 2.0, "naive-r4": 8.0}
+    assert alphas({"alpha_rule": "r"}) == {"naive-r1": 1.0, "naive-r4": 4.0}
+    assert alphas({"alpha": 8}) == {"naive-r1": 8.0, "naive-r4": 8.0}

@@ -63,8 +63,9 @@ def resolve_targets(model: nn.Module, requested: list[str] | None) -> list[str]:
             )
         return list(requested)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS and all(_matches(model, t) for t in DEFAULT_TARGETS[model_type]):
-        return list(DEFAULT_TARGETS[model_type])
+    defaults = DEFAULT_TARGETS.get(model_type)
+    if defaults and all(_matches(model, t) for t in defaults):
+        return list(defaults)
     for targets in FALLBACK_TARGETS:
         if all(_matches(model, t) for t in targets):
             return targets
@@ -101,7 +102,8 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     try:
         model = PeftModel.from_pretrained(backbone, str(path), is_trainable=True)
     except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"lora.init_adapter: {path} does not fit this base model: {exc}") from None
+        raise ConfigError(
+            f"lora.init_adapter: {path} does not fit this base model: {exc}") from None
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise ConfigError(f"lora.init_adapter: {path} loaded with 0 trainable parameters")

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from continual_lora.checkpoint import create_run_dir, write_text_atomic
-from continual_lora.config import BenchConfig, StrategyConfig
+from continual_lora.config import BenchConfig, RunConfig, StrategyConfig
 from continual_lora.registry import get_strategy
 from continual_lora.runner import RunResult, run
 
@@ -59,7 +59,19 @@ def plan_rows(cfg: BenchConfig) -> list[tuple[StrategyConfig, int | None]]:
     return rows
 
 
-def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[Path, list[RunResult]]:
+def row_config(cfg: BenchConfig, strategy: StrategyConfig, rank: int | None) -> RunConfig:
+    """The run config of one bench row. A rank sweep changes `r` only: alpha follows
+    `lora.alpha_rule` (or stays the fixed `lora.alpha`), as the config says."""
+    run_cfg = cfg.run.model_copy(deep=True)
+    run_cfg.strategy = strategy
+    run_cfg.name = f"{strategy.name}-r{rank}" if rank is not None else strategy.name
+    if rank is not None:
+        run_cfg.lora.r = rank
+    return run_cfg
+
+
+def run_bench(cfg: BenchConfig,
+              echo: Callable[[str], None] = print) -> tuple[Path, list[RunResult]]:
     bench_dir = create_run_dir(Path(cfg.run.output_dir) / cfg.name, cfg.run.overwrite, echo)
     write_text_atomic(bench_dir / "bench.yaml",
                       yaml.safe_dump(cfg.model_dump(mode="json", exclude={"run": {"base_dir"}}),
@@ -67,12 +79,8 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[Pa
     results: list[RunResult] = []
     row0 = None  # the starting point is the same for every row: score it once
     for strategy, rank in plan_rows(cfg):
-        label = f"{strategy.name}-r{rank}" if rank is not None else strategy.name
-        run_cfg = cfg.run.model_copy(deep=True)
-        run_cfg.strategy = strategy
-        run_cfg.name = label
-        if rank is not None:
-            run_cfg.lora.r = rank
+        run_cfg = row_config(cfg, strategy, rank)
+        label = run_cfg.name
         echo(f"\n=== bench {cfg.name}: {label} ===")
         result = run(run_cfg, echo=echo, row0=row0, run_dir=bench_dir / "runs" / label)
         row0 = result.rows[0]

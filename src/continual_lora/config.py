@@ -29,14 +29,16 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              use_attribute_docstrings=True)
 
 
 class ModelConfig(Strict):
     family: Literal["classifier"] = "classifier"
     """Model family: `classifier` (text encoders with classification heads)."""
     name_or_path: str = EMBEDDED_MODEL
-    """Hub id or local folder of the base model; `embedded:all-MiniLM-L6-v2` is the offline default."""
+    """Hub id or local folder of the base model; `embedded:all-MiniLM-L6-v2` is the offline
+    default."""
     head: Literal["per_task", "shared"] = "per_task"
     """`per_task`: one head per task, frozen after it (task-incremental); `shared`: one head over
     all classes seen so far (class-incremental)."""
@@ -56,7 +58,11 @@ class LoraConfigModel(Strict):
     r: int = Field(8, ge=1, le=4096)
     """LoRA rank."""
     alpha: float | None = Field(None, gt=0)
-    """LoRA alpha; default 2·r (the incremental-LoRA study's choice)."""
+    """LoRA alpha, fixed whatever the rank; when null it follows `alpha_rule`."""
+    alpha_rule: Literal["2r", "r", "fixed"] = "2r"
+    """How alpha follows the rank when `alpha` is null: `2r` (the incremental-LoRA study's
+    choice), `r` (scaling 1). A rank sweep keeps the rule, so the scaling alpha/r stays the same
+    across ranks; `fixed` requires `alpha` (then the scaling shrinks as the rank grows)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the LoRA input."""
     target_modules: list[str] | None = None
@@ -65,9 +71,21 @@ class LoraConfigModel(Strict):
     init_adapter: str | None = None
     """A PEFT adapter folder to continue from (loaded trainable)."""
 
+    @model_validator(mode="after")
+    def _alpha_matches_rule(self) -> LoraConfigModel:
+        if self.alpha_rule == "fixed" and self.alpha is None:
+            raise ValueError("alpha_rule 'fixed' needs lora.alpha (a number)")
+        explicit_rule = "alpha_rule" in self.model_fields_set and self.alpha_rule != "fixed"
+        if self.alpha is not None and explicit_rule:
+            raise ValueError(f"alpha={self.alpha:g} contradicts alpha_rule {self.alpha_rule!r}: "
+                             "set one or the other")
+        return self
+
     @property
     def effective_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+        if self.alpha is not None:
+            return float(self.alpha)
+        return float(self.r) if self.alpha_rule == "r" else 2.0 * self.r
 
 
 class TrainConfig(Strict):
@@ -114,7 +132,8 @@ class TaskConfig(Strict):
     max_train_examples: int | None = Field(None, ge=1)
     """Keep at most this many training examples (a fixed, seeded sample)."""
     repeats: int = Field(1, ge=1, le=1000)
-    """How many times this source appears per epoch (kohya's num_repeats), as new or replayed data."""
+    """How many times this source appears per epoch (kohya's num_repeats), as new or replayed
+    data."""
     weight: float | None = Field(None, gt=0)
     """Sampling weight of this source in a mixed stream; if any source has one, batches are drawn
     by weight instead of by repeats."""
@@ -128,7 +147,8 @@ class TaskConfig(Strict):
             raise ValueError("a task needs `train` and `eval` files, or `wordnet` categories")
         if files and (self.train is None or self.eval is None):
             missing = "eval" if self.eval is None else "train"
-            raise ValueError(f"`{missing}` is missing: a task needs both a train and a held-out file")
+            raise ValueError(f"`{missing}` is missing: a task needs both a train and a held-out "
+                             "file")
         if self.wordnet is not None and len(set(self.wordnet)) < 2:
             raise ValueError("`wordnet` needs at least two distinct categories (one class each)")
         return self

@@ -277,7 +277,7 @@ def _lineage(cfg: RunConfig, family, tasks, probe, parent, strategy_cls) -> dict
         "parent_adapter": parent,
         "strategy": {"name": strategy_cls.name, "options": cfg.strategy.options},
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.effective_alpha,
-                 "target_modules": cfg.lora.target_modules},
+                 "alpha_rule": cfg.lora.alpha_rule, "target_modules": cfg.lora.target_modules},
         "seed": cfg.seed,
         "data": [{"task": t.name, "index": t.index, "classes": t.classes,
                   "train_examples": len(t.train), "eval_examples": len(t.eval), **t.manifest}
