@@ -103,6 +103,23 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from continual_lora.adapter_files import MergeRequest, merge_adapter_folders
+
+    req = MergeRequest(adapters=[Path(p) for p in args.adapters], out=Path(args.out),
+                       method=args.method, weights=args.weights, density=args.density,
+                       drop_rate=args.drop_rate, rank=args.rank, seed=args.seed,
+                       overwrite=args.overwrite)
+    info = merge_adapter_folders(req)
+    err = info["relative_error"]
+    how = "exact concatenation" if args.method == "cat" else "truncated SVD"
+    print(f"merged {len(req.adapters)} adapters by {args.method} into {req.out} "
+          f"(rank {info['rank']}, {how}, {err['modules']} modules)")
+    print(f"relative reconstruction error ‖ΔW − BA‖/‖ΔW‖ per module: mean {err['mean']:.4g}, "
+          f"max {err['max']:.4g} ({err['max_module']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="continual-lora",
@@ -137,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("merge", help="merge PEFT LoRA adapters of one base by their dense "
+                       "updates (TIES, task arithmetic, DARE, MagMax, or exact cat)")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    p.add_argument("--method", default="ties", help="ties (default), task_arithmetic, "
+                   "dare_linear, dare_ties, magmax, cat")
+    p.add_argument("--out", required=True, help="folder of the merged PEFT adapter")
+    p.add_argument("--weights", nargs="+", type=float,
+                   help="one weight for all adapters, or one per adapter (default 1)")
+    p.add_argument("--density", type=float, help="ties/dare_ties: fraction of entries kept")
+    p.add_argument("--drop-rate", type=float, help="dare_*: drop probability (default 0.5)")
+    p.add_argument("--rank", type=int, help="rank of the output by truncated SVD (default: the "
+                   "sum of the inputs' ranks); not for cat, which is exact")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.set_defaults(func=cmd_strategies)
