@@ -18,7 +18,10 @@ _STRATEGIES: dict[str, type[Strategy]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 # Strategy modules shipped with the package, imported on first lookup (not at package import).
-BUILTIN_STRATEGIES = ("naive", "replay", "joint", "merge_reinit", "full_ft")
+BUILTIN_STRATEGIES = (
+    "naive", "replay", "joint", "merge_reinit", "full_ft", "lwf", "olora", "moe", "ortho_init",
+    "merge", "magmax",
+)
 
 
 def _camel(name: str) -> str:

@@ -10,6 +10,8 @@ Run folder:
     results.json           R, U, how each cell was scored, per-task training stats
     predictions.npz        per-example correctness for every (stage, task), and the labels
     metrics.json           ACC, forgetting, BWT, FWT, plasticity, upstream retention, flips
+    strategy_report.json   only for strategies that report per-stage numbers (`stage_report`,
+                           e.g. moe's routing accuracy): one row per stage
     log.jsonl              one JSON object per event (steps, evaluations)
 """
 
@@ -20,6 +22,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,12 +90,22 @@ def _stage_dir(run_dir: Path, task_index: int, name: str) -> Path:
     return run_dir / "tasks" / f"{task_index:02d}-{name}"
 
 
-def score_row(family, tasks, probe, trained_through: int, batch_size: int) -> Row:
-    """Score every task; those after `trained_through` with their prototype head."""
-    scores = [family.score_task(t, t.index <= trained_through, batch_size) for t in tasks]
+def score_row(family, tasks, probe, trained_through: int, batch_size: int, strategy=None,
+              ctx: TaskContext | None = None) -> Row:
+    """Score every task; those after `trained_through` with their prototype head. The strategy's
+    `scoring(ctx, task)` hook is entered around each task (task None: the upstream probe)."""
+
+    def scoring(task):
+        return nullcontext() if strategy is None else strategy.scoring(ctx, task)
+
+    scores = []
+    for t in tasks:
+        with scoring(t):
+            scores.append(family.score_task(t, t.index <= trained_through, batch_size))
     row = Row([s.score for s in scores], [s.how for s in scores], [s.correct for s in scores])
     if probe is not None:
-        up = family.score_upstream(probe, batch_size)
+        with scoring(None):
+            up = family.score_upstream(probe, batch_size)
         row.upstream, row.upstream_correct = up.score, up.correct
     return row
 
@@ -138,12 +151,13 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
 
     T = len(tasks)
     if row0 is None:
-        row0 = score_row(family, tasks, probe, 0, cfg.train.eval_batch_size)
+        row0 = score_row(family, tasks, probe, 0, cfg.train.eval_batch_size, strategy)
     rows = [row0]
     log({"event": "eval", "stage": 0, "scores": row0.scores, "upstream": row0.upstream})
     echo(_row_line(0, "before training", row0))
 
     plan, stats, global_step, max_trainable = [], [], 0, 0
+    reports: list[dict | None] = []  # strategy_report per stage 1..T
     for task in tasks:
         ctx = TaskContext(task, tasks, family, cfg, lora_config, seed=cfg.seed * 1000 + task.index)
         strategy.before_task(ctx)
@@ -169,14 +183,18 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         stats.append({"task": task.name, **result.__dict__})
         strategy.after_task(ctx)
 
-        row = score_row(family, tasks, probe, task.index, cfg.train.eval_batch_size)
+        row = score_row(family, tasks, probe, task.index, cfg.train.eval_batch_size, strategy,
+                        ctx)
+        report = strategy.stage_report(ctx)
         rows.append(row)
+        reports.append(report)
+        extra = {} if report is None else {"strategy_report": report}
         log({"event": "eval", "stage": task.index, "scores": row.scores,
-             "upstream": row.upstream})
-        echo(_row_line(task.index, f"after {task.name}", row))
+             "upstream": row.upstream, **extra})
+        echo(_row_line(task.index, f"after {task.name}", row) + _report_text(report))
         _save_stage(ctx, strategy, _stage_dir(run_dir, task.index, task.name))
         write_json_atomic(run_dir / "plan.json", plan)
-        _write_results(run_dir, tasks, rows, stats)
+        _write_results(run_dir, tasks, rows, stats, reports)
 
     R = np.array([r.scores for r in rows])
     U = np.array([r.upstream for r in rows])
@@ -190,6 +208,8 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     summary.update({"strategy": cfg.strategy.name, "rank": cfg.lora.r if strategy.uses_lora
                     else None, "trainable_parameters": max_trainable, "wall_seconds": wall,
                     "tasks": [t.name for t in tasks]})
+    if reports and reports[-1] is not None:
+        summary["strategy_report"] = reports[-1]  # the final model's numbers
     write_json_atomic(run_dir / "metrics.json", summary)
     _write_predictions(run_dir, tasks, rows)
     log({"event": "done", "metrics": {k: v for k, v in summary.items() if k != "flips"}})
@@ -214,7 +234,8 @@ def _save_stage(ctx: TaskContext, strategy, stage_dir: Path) -> None:
                                                      "export": info}, indent=2))
 
 
-def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict]) -> None:
+def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict],
+                   reports: list[dict | None]) -> None:
     names = [t.name for t in tasks]
     header = "stage," + ",".join(names) + ",upstream"
     lines = [header]
@@ -223,12 +244,18 @@ def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict]) -> 
         lines.append(",".join([label] + [f"{s:.6f}" for s in row.scores]
                               + [f"{row.upstream:.6f}"]))
     write_text_atomic(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
-    write_json_atomic(run_dir / "results.json", {
+    results = {
         "tasks": names, "R": [r.scores for r in rows], "U": [r.upstream for r in rows],
         "scored_with": [r.how for r in rows], "training": stats,
         "definition": "R[t][i]: accuracy on task i's held-out split after training through "
                       "task t (row 0: before training). Tasks not trained yet are scored with "
-                      "their nearest-class-mean (prototype) head. U[t]: upstream score."})
+                      "their nearest-class-mean (prototype) head. U[t]: upstream score."}
+    if any(r is not None for r in reports):  # only strategies that report: others unchanged
+        results["strategy_report"] = [None, *reports]  # indexed by stage, like R
+        write_json_atomic(run_dir / "strategy_report.json",
+                          [{"stage": t, "task": names[t - 1], **(r or {})}
+                           for t, r in enumerate(reports, start=1)])
+    write_json_atomic(run_dir / "results.json", results)
 
 
 def _write_predictions(run_dir: Path, tasks, rows: list[Row]) -> None:
@@ -285,6 +312,21 @@ def _lineage(cfg: RunConfig, family, tasks, probe, parent, strategy_cls) -> dict
         "upstream": None if probe is None else {"name": probe.name, **probe.manifest},
         "software": {**versions, "python": platform.python_version()},
     }
+
+
+def _report_text(report: dict | None) -> str:
+    """A strategy's stage report on the echo line: numbers, and mappings of names to numbers."""
+    if not report:
+        return ""
+
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        if isinstance(value, dict):
+            return " ".join(f"{k}={fmt(v)}" for k, v in value.items())
+        return "-" if value is None else str(value)
+
+    return " | " + ", ".join(f"{key} {fmt(value)}" for key, value in report.items())
 
 
 def _row_line(stage: int, label: str, row: Row) -> str:

@@ -59,6 +59,18 @@ def fingerprint_module(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor,
+                cfg: ModelConfig) -> torch.Tensor:
+    """Pooled features from a backbone's last hidden state, as the heads see them (also used by
+    strategies that pool hidden states themselves, such as moe's router)."""
+    if cfg.pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return F.normalize(pooled, dim=-1) if cfg.normalize else pooled
+
+
 class ClassifierModule(nn.Module):
     """Backbone (possibly PEFT-wrapped) + heads. This is what the optimizer and accelerate see."""
 
@@ -71,12 +83,7 @@ class ClassifierModule(nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.cfg.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return F.normalize(pooled, dim=-1) if self.cfg.normalize else pooled
+        return pool_hidden(hidden, attention_mask, self.cfg)
 
     def head_logits(self, key: str, feats: torch.Tensor) -> torch.Tensor:
         logits = self.heads[key](feats)
@@ -85,9 +92,11 @@ class ClassifierModule(nn.Module):
     def head_key(self, task_index: int) -> str:
         return "shared" if self.cfg.head == "shared" else f"task{task_index}"
 
-    def forward(self, input_ids, attention_mask, labels, task_ids):
+    def forward(self, input_ids, attention_mask, labels, task_ids, example_ids=None):
         """Per-example loss, logits per task and features. The whole computation (heads
-        included) runs here, so a DDP wrapper from accelerate synchronises every gradient."""
+        included) runs here, so a DDP wrapper from accelerate synchronises every gradient.
+        `example_ids` is not used here: it rides in the batch for strategies' per-example
+        caches (LwF's teacher outputs)."""
         feats = self.features(input_ids, attention_mask)
         per_example = torch.empty(len(feats), device=feats.device, dtype=feats.dtype)
         logits_by_task = {}
@@ -184,8 +193,9 @@ class ClassifierFamily(ModelFamily):
         input_ids, mask = self._pad(ids)
         labels = torch.tensor([int(tasks[t].train.labels[i]) for t, i in examples])
         task_ids = torch.tensor([t for t, _ in examples])
+        example_ids = torch.tensor([i for _, i in examples])  # index in its task's train split
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels.to(self.device),
-                "task_ids": task_ids.to(self.device)}
+                "task_ids": task_ids.to(self.device), "example_ids": example_ids.to(self.device)}
 
     @torch.no_grad()
     def _encode(self, ids: list[list[int]], batch_size: int) -> torch.Tensor:
@@ -200,6 +210,11 @@ class ClassifierFamily(ModelFamily):
             out[chunk] = self.module.features(input_ids, mask).float().cpu()
         self.module.train(was_training)
         return out
+
+    def encode_split(self, task: TaskData, split: str, batch_size: int) -> torch.Tensor:
+        """Features of every example of a task's split, in index order (CPU, float32): one
+        no-grad pass in eval mode, each example encoded once."""
+        return self._encode(self._tokens(task, split), batch_size)
 
     # -- heads ---------------------------------------------------------------------------------
 

@@ -10,12 +10,24 @@ Like Avalanche's small plugins, and not its 25-hook base class. The runner calls
     after_task(ctx)              merge, record task vectors, fill buffers
     export_adapter(ctx, dir)     write the PEFT adapter that reproduces the model after the task
 
+and, around evaluation (they are not part of the training sequence above):
+
+    scoring(ctx, task)           a context manager entered around the scoring of each task
+                                 (`task` is None for the upstream probe; `ctx` is None for row 0,
+                                 before training) so a strategy may change how the model computes
+                                 features while it is scored (moe routes inputs to adapters);
+                                 default: nothing changes
+    stage_report(ctx)            strategy-specific numbers of the stage just scored (moe's routing
+                                 accuracy), a JSON-able dict or None; the runner stores it in
+                                 results.json, metrics.json and strategy_report.json
+
 Strategies subclass `Strategy` directly (no deeper implementation inheritance) and register with
 `@register_strategy`; the key is the file name and the class is `<CamelKey>Strategy`.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,6 +122,14 @@ class Strategy:
         check_adapter_tensors(backbone)
         backbone.save_pretrained(str(out_dir))
         return {"kind": "peft_lora", "rank": ctx.lora_config.r if ctx.lora_config else None}
+
+    def scoring(self, ctx: TaskContext | None, task: TaskData | None) -> AbstractContextManager:
+        """Entered around the scoring of `task` (None: the upstream probe; `ctx` None: row 0)."""
+        return nullcontext()
+
+    def stage_report(self, ctx: TaskContext) -> dict | None:
+        """Strategy-specific numbers of the stage just scored (JSON-able), or None."""
+        return None
 
 
 # -- helpers shared by strategies (functions, not base-class behaviour) ---------------------------

@@ -1,0 +1,173 @@
+"""O-LoRA: the penalty against hand-computed values and a naive loop, and on tiny_bert that the
+earlier adapter is frozen but active, that per-task λ1 is used, and that the export is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModel, AutoTokenizer
+
+import continual_lora.runner as runner_module
+from continual_lora.adapters import lora_factors
+from continual_lora.config import ConfigError, load_run_config
+from continual_lora.runner import run
+from continual_lora.strategies.olora import (
+    OloraStrategy,
+    build_penalty_groups,
+    group_by_shape,
+    orthogonality_penalty,
+    squared_l2,
+)
+
+T = torch.tensor
+
+
+def _hand_groups():
+    """Two layers, two earlier adapters of rank 1, a new adapter of rank 2, d_in = 3.
+
+    layer l1: A_1 = [1 0 2], A_2 = [0 1 -1], A_t = [[1 1 1], [0 -1 3]]
+        A_1 A_tᵀ = [3, 6], A_2 A_tᵀ = [0, -4]   → L1 13, squared 9+36+0+16 = 61
+    layer l2: A_1 = [1 1 0], A_2 = [0 0 1], A_t = [[2 0 0], [0 0 -1]]
+        A_1 A_tᵀ = [2, 0], A_2 A_tᵀ = [0, -1]   → L1 3, squared 4+1 = 5
+    """
+    old = {"l1": [T([[1.0, 0, 2]]), T([[0.0, 1, -1]])],
+           "l2": [T([[1.0, 1, 0]]), T([[0.0, 0, 1]])]}
+    new = {"l1": T([[1.0, 1, 1], [0, -1, 3]], requires_grad=True),
+           "l2": T([[2.0, 0, 0], [0, 0, -1]], requires_grad=True)}
+    return build_penalty_groups(old, new), new
+
+
+def test_penalty_hand_computed_both_norms():
+    groups, _ = _hand_groups()
+    assert len(groups) == 1 and groups[0].old.shape == (2, 2, 3)  # one batched product
+    assert float(orthogonality_penalty(groups, "l1").detach()) == 16.0  # 13 + 3
+    assert float(orthogonality_penalty(groups, "squared").detach()) == 66.0  # 61 + 5
+
+
+def test_penalty_gradient_reaches_only_the_new_a():
+    groups, new = _hand_groups()
+    orthogonality_penalty(groups, "squared").backward()
+    # d/dA_t ‖S A_tᵀ‖² = 2 A_t SᵀS; layer l2: S = [[1 1 0], [0 0 1]],
+    # SᵀS = [[1 1 0], [1 1 0], [0 0 1]]
+    torch.testing.assert_close(new["l2"].grad, T([[4.0, 4, 0], [0, 0, -2]]))
+    assert not groups[0].old.requires_grad
+
+
+def test_lambda2_term_and_combination():
+    # θ_t = A (1×2) twice and B (2×1): 1 + 4 + 0 + 1 + 9 + 0 = 15
+    params = [T([[1.0, 2]]), T([[0.0, -1]]), T([[3.0], [0]])]
+    l2_groups = group_by_shape(params)
+    assert len(l2_groups) == 2
+    assert float(squared_l2(l2_groups)) == 15.0
+
+    strategy = OloraStrategy(OloraStrategy.Options(lambda1=0.5, lambda2=0.1))
+    strategy.groups, _ = _hand_groups()
+    strategy.l2_groups, strategy.lambda1_now = l2_groups, 0.5
+    assert float(strategy.extra_loss(None, None)) == pytest.approx(0.5 * 16 + 0.1 * 15)
+    strategy.lambda1_now = 0.0  # λ1 of this task is 0: only the λ2 term remains
+    assert float(strategy.extra_loss(None, None)) == pytest.approx(0.1 * 15)
+    strategy.options = OloraStrategy.Options(lambda1=0.0, lambda2=0.0)
+    assert strategy.extra_loss(None, None) is None
+
+
+def test_batched_penalty_equals_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    shapes = {"layer0.q": (2, 5), "layer1.q": (2, 5), "layer0.ffn": (3, 7), "layer1.ffn": (3, 7)}
+    old = {k: [torch.randn(s, generator=g) for _ in range(3)] for k, s in shapes.items()}
+    new = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    new["fresh"] = torch.randn(4, 5, generator=g)  # a module with no earlier A: no term
+    groups = build_penalty_groups(old, new)
+    assert sorted(len(gr.new) for gr in groups) == [2, 2]
+    for norm, f in (("l1", lambda m: m.abs().sum()), ("squared", lambda m: m.pow(2).sum())):
+        naive = sum(f(a_s @ new[k].T) for k in old for a_s in old[k])
+        torch.testing.assert_close(orthogonality_penalty(groups, norm), naive)
+
+
+def test_lambda1_list_must_match_task_count():
+    strategy = OloraStrategy(OloraStrategy.Options(lambda1=[0.0, 0.5, 5.0]))
+    assert [strategy.lambda1_for(t, 3) for t in (1, 2, 3)] == [0.0, 0.5, 5.0]
+    with pytest.raises(ConfigError, match=r"strategy\.options\.lambda1.*2 tasks.*3 entries"):
+        strategy.lambda1_for(1, 2)
+
+
+def test_wrong_length_list_stops_the_run(tiny_run_config):
+    data = tiny_run_config("olora")
+    data["strategy"]["options"] = {"lambda1": [0.5]}
+    with pytest.raises(ConfigError, match=r"strategy\.options\.lambda1"):
+        run(load_run_config(None, data=data), echo=lambda _: None)
+
+
+def _param_snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_task2_trains_only_its_adapter_and_old_one_stays_active(tiny_run_config, tiny_bert,
+                                                                monkeypatch):
+    changes = {}
+    real_train = runner_module.train_task
+
+    def spy_train(family, strategy, task, *args, **kwargs):
+        before = _param_snapshot(family.module)
+        stats = real_train(family, strategy, task, *args, **kwargs)
+        after = _param_snapshot(family.module)
+        changes[task.index] = {n for n in after if not torch.equal(before[n], after[n])}
+        return stats
+
+    monkeypatch.setattr(runner_module, "train_task", spy_train)
+    result = run(load_run_config(None, data=tiny_run_config("olora")), echo=lambda _: None)
+
+    backbone_changed = {n for n in changes[2] if n.startswith("backbone.")}
+    assert backbone_changed and all(".task2." in n for n in backbone_changed)
+    assert not any(".task1." in n for n in changes[2])
+
+    # One Linear: W0 x + b + s1 B1 A1 x + s2 B2 A2 x, from the factors, by hand.
+    peft = result.family.backbone
+    key = "encoder.layer.0.attention.self.query"
+    layer = peft.get_submodule(f"base_model.model.{key}").eval()
+    assert layer.active_adapters == ["task1", "task2"]
+    f1, f2 = lora_factors(peft, "task1")[key], lora_factors(peft, "task2")[key]
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    W0, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    expected = x @ (W0 + f1.scaling * f1.B @ f1.A + f2.scaling * f2.B @ f2.A).T + b
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert float((f2.B @ f2.A).abs().max()) > 0 and float((f1.B @ f1.A).abs().max()) > 0
+
+    # The export is one adapter of rank 2 + 2 that plain PEFT loads and that reproduces the model.
+    adapter_dir = result.run_dir / "tasks" / "02-b" / "adapter"
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = tokenizer(["a small furry animal", "food made from flour and water"],
+                      padding=True, return_tensors="pt")
+    plain = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert), str(adapter_dir))
+    with torch.no_grad():
+        ours = peft.eval()(**batch).last_hidden_state
+        theirs = plain.eval()(**batch).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_per_task_lambda1_is_used(tiny_run_config, monkeypatch):
+    """λ1 = [0, 2]: task 1 adds nothing; task 2's first step adds 2 · Σ |A_1 A_2ᵀ| exactly."""
+    expected = {}
+    original = OloraStrategy.before_task
+
+    def before_task(self, ctx):
+        original(self, ctx)
+        if ctx.t == 2:
+            f1 = lora_factors(ctx.family.backbone, "task1")
+            f2 = lora_factors(ctx.family.backbone, "task2")
+            expected[2] = 2.0 * float(sum((f1[k].A @ f2[k].A.T).abs().sum() for k in f2))
+
+    monkeypatch.setattr(OloraStrategy, "before_task", before_task)
+    data = tiny_run_config("olora")
+    data["strategy"]["options"] = {"lambda1": [0.0, 2.0]}
+    result = run(load_run_config(None, data=data), echo=lambda _: None)
+    steps = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in steps if e["event"] == "step"]
+    first = {e["task"]: e for e in steps if e["step"] == 0}
+    assert all(e["extra_loss"] is None for e in steps if e["task"] == "a")
+    assert expected[2] > 0
+    assert first["b"]["extra_loss"] == pytest.approx(expected[2], rel=1e-5)
