@@ -115,3 +115,25 @@ def test_strategies_command_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("naive", "replay", "joint", "merge_reinit", "full_ft"):
         assert name in out
+
+
+@pytest.mark.parametrize("strategy, code, words", [
+    ("naive", 1, "does not reproduce"),  # exact export: a mismatch is an error
+    ("magmax", 0, "truncated SVD"),  # stated approximation: a note, not an error
+])
+def test_eval_tells_an_approximate_export_from_a_broken_one(strategy, code, words,
+                                                            tiny_run_config, tmp_path, capsys):
+    cfg = tiny_run_config(strategy)
+    cfg["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    run_dir = tmp_path / "runs" / cfg["name"]
+    # Pretend the recorded scores differ from what the reloaded adapter gives.
+    results = json.loads((run_dir / "results.json").read_text())
+    results["R"][-1] = [s + 0.25 for s in results["R"][-1]]
+    (run_dir / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == code
+    captured = capsys.readouterr()
+    assert words in captured.out + captured.err
