@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     overrides_help = "dotted overrides, e.g. train.lr=1e-4 lora.r=4"
 
-    p = sub.add_parser("demo", help="the embedded default bench, offline (about 25 min on 2 cores)")
+    p = sub.add_parser("demo", help="the embedded default bench, offline (about 13 min on 2 cores)")
     p.add_argument("--out", help="output folder (default: runs)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder")
     p.add_argument("--quick", action="store_true", help="3 steps per task: checks the path only")
