@@ -1,13 +1,16 @@
 """O-LoRA: the penalty against hand-computed values and a naive loop, and on tiny_bert that the
-earlier adapter is frozen but active, that per-task λ1 is used, and that the export is exact."""
+earlier adapter is frozen (merged into the base by default, or kept active), that both paths train
+the same model, that per-task λ1 is used, and that the export is exact."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 import continual_lora.runner as runner_module
@@ -104,37 +107,62 @@ def _param_snapshot(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def test_task2_trains_only_its_adapter_and_old_one_stays_active(tiny_run_config, tiny_bert,
-                                                                monkeypatch):
-    changes = {}
+QUERY = "encoder.layer.0.attention.self.query"  # the Linear checked by hand
+
+
+def _by_hand(x, W0, b, factors):
+    """x (W0 + Σ s_i B_i A_i)ᵀ + b, from the original base weight and the given factors."""
+    return x @ (W0 + sum(f.scaling * f.B @ f.A for f in factors)).T + b
+
+
+def test_merged_task2_trains_only_its_adapter_on_the_merged_base(tiny_run_config, tiny_bert,
+                                                                  monkeypatch):
+    """Default `merged`: during task 2 the PeftModel holds only `task2`, only its LoRA weights
+    change, task 1's kept factors do not, and the forward is x(W0 + s1B1A1 + s2B2A2)ᵀ + b."""
+    changes, seen = {}, {}
     real_train = runner_module.train_task
+    original = AutoModel.from_pretrained(tiny_bert).get_submodule(QUERY)
+    W0, b = original.weight.detach(), original.bias.detach()
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
 
     def spy_train(family, strategy, task, *args, **kwargs):
         before = _param_snapshot(family.module)
+        kept = [{k: (f.A.clone(), f.B.clone()) for k, f in h.items()} for h in strategy.finished]
         stats = real_train(family, strategy, task, *args, **kwargs)
         after = _param_snapshot(family.module)
         changes[task.index] = {n for n in after if not torch.equal(before[n], after[n])}
+        seen[task.index] = lora_factors(family.backbone, strategy.adapters[-1])
+        if task.index == 2:
+            assert kept and all(torch.equal(f.A, kept[0][k][0]) and torch.equal(f.B, kept[0][k][1])
+                                for k, f in strategy.finished[0].items())
+            layer = family.backbone.get_submodule(f"base_model.model.{QUERY}")
+            assert list(layer.lora_A) == ["task2"]  # task 1 lives in the base weight now
+            with torch.no_grad():
+                torch.testing.assert_close(
+                    layer(x), _by_hand(x, W0, b, [strategy.finished[0][QUERY], seen[2][QUERY]]),
+                    rtol=0, atol=1e-5)
+            seen["strategy"] = strategy
         return stats
 
     monkeypatch.setattr(runner_module, "train_task", spy_train)
     result = run(load_run_config(None, data=tiny_run_config("olora")), echo=lambda _: None)
 
     backbone_changed = {n for n in changes[2] if n.startswith("backbone.")}
-    assert backbone_changed and all(".task2." in n for n in backbone_changed)
-    assert not any(".task1." in n for n in changes[2])
+    assert backbone_changed and all(".lora_" in n and ".task2." in n for n in backbone_changed)
+    strategy = seen["strategy"]
+    assert strategy.adapters == ["task1", "task2"] and len(strategy.finished) == 2
+    for t in (1, 2):  # the kept factors are those trained, and both did train
+        f, trained = strategy.finished[t - 1][QUERY], seen[t][QUERY]
+        assert torch.equal(f.A, trained.A) and torch.equal(f.B, trained.B)
+        assert float((f.B @ f.A).abs().max()) > 0
 
-    # One Linear: W0 x + b + s1 B1 A1 x + s2 B2 A2 x, from the factors, by hand.
-    peft = result.family.backbone
-    key = "encoder.layer.0.attention.self.query"
-    layer = peft.get_submodule(f"base_model.model.{key}").eval()
-    assert layer.active_adapters == ["task1", "task2"]
-    f1, f2 = lora_factors(peft, "task1")[key], lora_factors(peft, "task2")[key]
-    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
-    W0, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
-    expected = x @ (W0 + f1.scaling * f1.B @ f1.A + f2.scaling * f2.B @ f2.A).T + b
+    # After task 2 both adapters are merged: the Linear is plain, W = W0 + ΔW_1 + ΔW_2.
+    layer = result.family.backbone.get_submodule(QUERY)
+    assert type(layer) is torch.nn.Linear
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
-    assert float((f2.B @ f2.A).abs().max()) > 0 and float((f1.B @ f1.A).abs().max()) > 0
+        torch.testing.assert_close(
+            layer(x), _by_hand(x, W0, b, [f[QUERY] for f in strategy.finished]),
+            rtol=0, atol=1e-5)
 
     # The export is one adapter of rank 2 + 2 that plain PEFT loads and that reproduces the model.
     adapter_dir = result.run_dir / "tasks" / "02-b" / "adapter"
@@ -144,26 +172,61 @@ def test_task2_trains_only_its_adapter_and_old_one_stays_active(tiny_run_config,
                       padding=True, return_tensors="pt")
     plain = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert), str(adapter_dir))
     with torch.no_grad():
-        ours = peft.eval()(**batch).last_hidden_state
+        ours = result.family.backbone.eval()(**batch).last_hidden_state
         theirs = plain.eval()(**batch).last_hidden_state
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_per_task_lambda1_is_used(tiny_run_config, monkeypatch):
-    """λ1 = [0, 2]: task 1 adds nothing; task 2's first step adds 2 · Σ |A_1 A_2ᵀ| exactly."""
+def _exported_deltas(adapter_dir) -> dict[str, torch.Tensor]:
+    """s · B A of every module of an exported PEFT adapter folder, by module path."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return {k.removesuffix(".lora_A.weight"): scaling * tensors[k.replace("lora_A", "lora_B")]
+            @ tensors[k] for k in tensors if k.endswith(".lora_A.weight")}
+
+
+def test_merged_and_active_paths_train_the_same_model(tiny_run_config):
+    """Same seed, 2 tiny tasks: `merged` and `active` give the same R and the same exported ΔW
+    (up to the float32 rounding of the merge); `active` keeps both adapters on the PeftModel."""
+    results = {}
+    for mode in ("merged", "active"):
+        data = tiny_run_config("olora", name=f"tiny-olora-{mode}")
+        data["strategy"]["options"] = {"frozen_adapters": mode}
+        results[mode] = run(load_run_config(None, data=data), echo=lambda _: None)
+
+    merged, active = results["merged"], results["active"]
+    np.testing.assert_array_equal(merged.R, active.R)
+    assert not isinstance(merged.family.backbone, PeftModel)
+    layer = active.family.backbone.get_submodule(f"base_model.model.{QUERY}")
+    assert layer.active_adapters == ["task1", "task2"]
+    for stage in ("01-a", "02-b"):
+        ours = _exported_deltas(merged.run_dir / "tasks" / stage / "adapter")
+        theirs = _exported_deltas(active.run_dir / "tasks" / stage / "adapter")
+        assert ours.keys() == theirs.keys() and len(ours) == 4  # query, value × 2 layers
+        for key in ours:
+            assert float(ours[key].abs().max()) > 0
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["merged", "active"])
+def test_per_task_lambda1_is_used(tiny_run_config, monkeypatch, mode):
+    """λ1 = [0, 2]: task 1 adds nothing; task 2's first step adds 2 · Σ |A_1 A_2ᵀ| exactly, with
+    A_1 the kept factor also when task 1 is merged into the base."""
     expected = {}
     original = OloraStrategy.before_task
 
     def before_task(self, ctx):
         original(self, ctx)
         if ctx.t == 2:
-            f1 = lora_factors(ctx.family.backbone, "task1")
-            f2 = lora_factors(ctx.family.backbone, "task2")
+            peft = ctx.family.backbone
+            assert ("task1" in peft.peft_config) == (mode == "active")
+            f1, f2 = self.finished[0], lora_factors(peft, "task2")
             expected[2] = 2.0 * float(sum((f1[k].A @ f2[k].A.T).abs().sum() for k in f2))
 
     monkeypatch.setattr(OloraStrategy, "before_task", before_task)
     data = tiny_run_config("olora")
-    data["strategy"]["options"] = {"lambda1": [0.0, 2.0]}
+    data["strategy"]["options"] = {"lambda1": [0.0, 2.0], "frozen_adapters": mode}
     result = run(load_run_config(None, data=data), echo=lambda _: None)
     steps = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     steps = [e for e in steps if e["event"] == "step"]
