@@ -148,3 +148,4 @@ def test_rank_sweep_keeps_the_alpha_rule():
     assert alphas({}) == {"naive-r1": 2.0, "naive-r4": 8.0}
     assert alphas({"alpha_rule": "r"}) == {"naive-r1": 1.0, "naive-r4": 4.0}
     assert alphas({"alpha": 8}) == {"naive-r1": 8.0, "naive-r4": 8.0}
+

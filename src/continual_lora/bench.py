@@ -110,14 +110,36 @@ def comparison_rows(results: list[RunResult]) -> list[dict]:
                      "plasticity": m["plasticity"],
                      "upstream_retention": m.get("upstream_retention"),
                      "trainable_parameters": r.trainable_parameters,
-                     "wall_seconds": r.wall_seconds, "run_dir": str(r.run_dir)})
+                     "wall_seconds": r.wall_seconds,
+                     "strategy_report": report_cell(m.get("strategy_report")),
+                     "run_dir": str(r.run_dir)})
     return rows
 
 
+def report_cell(report: dict | None) -> str:
+    """A strategy's final-stage report in one cell: its scalars, and the `mean` of any mapping
+    that has one (moe: `router prototype; routing_accuracy_mean 0.912`; merge/magmax:
+    `export_error mean 0.123`). Per-task mappings are left to the run folder."""
+    if not report:
+        return ""
+    parts = []
+    for key, value in report.items():
+        if isinstance(value, dict) and "mean" in value:
+            parts.append(f"{key} mean {value['mean']:.3f}")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.3f}")
+        elif isinstance(value, (str, int)):
+            parts.append(f"{key} {value}")
+    return "; ".join(parts)
+
+
 def format_table(rows: list[dict]) -> str:
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(k, row[k]) for k, _ in COLUMNS) + " |" for row in rows]
+    # The strategy-report column appears only when some strategy reported something.
+    columns = COLUMNS + ([("strategy_report", "Strategy report")]
+                         if any(row.get("strategy_report") for row in rows) else [])
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
     return "\n".join([header, rule, *body])
 
 
