@@ -16,7 +16,7 @@ RUN_FILES = {
     "predictions.npz", "metrics.json", "log.jsonl",
 }
 STAGE_FILES = {"heads.safetensors", "heads.json", "stage.json", "adapter/adapter_config.json",
-               "adapter/adapter_model.safetensors", "adapter/README.md"}
+               "adapter/adapter_model.safetensors", "adapter/README.md", "adapter/lineage.json"}
 
 
 def _files(folder):

@@ -101,8 +101,10 @@ def test_strategy_contract(name, tiny_run_config, recorded):
         assert f"{stage}/heads.safetensors" in files and f"{stage}/stage.json" in files
     if get_strategy(name).uses_lora:
         assert "tasks/01-a/adapter/adapter_model.safetensors" in files
+        assert {f"tasks/{s}/adapter/lineage.json" for s in ("01-a", "02-b")} <= files
     else:
         assert "tasks/02-b/model/model.safetensors" in files
+        assert "tasks/02-b/model/lineage.json" in files
 
 
 def test_merge_reinit_merges_exactly_delta_w(tiny_run_config, monkeypatch):

@@ -141,6 +141,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from continual_lora.inspect_adapter import format_report, inspect_adapter
+
+    info = inspect_adapter(Path(args.adapter))
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="continual-lora",
@@ -191,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="what an adapter is: format, base, rank, alpha, targets, "
+                       "parameters, whether its weights match its lineage, and the lineage chain")
+    p.add_argument("adapter", metavar="ADAPTER", help="adapter folder (PEFT, full weights) or "
+                   "kohya .safetensors file")
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.set_defaults(func=cmd_strategies)

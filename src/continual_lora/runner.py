@@ -5,7 +5,8 @@ Run folder:
     config.yaml            the resolved config (every default written out)
     lineage.json           base model identity and fingerprint, parent adapter, data manifest
     plan.json              per task: the data mix, steps, LR, trainable parameters
-    tasks/NN-name/         per task: `adapter/` (PEFT format; `model/` for full_ft) and the heads
+    tasks/NN-name/         per task: `adapter/` (PEFT format; `model/` for full_ft) with its
+                           `lineage.json` (see lineage.py), and the heads
     accuracy_matrix.csv    R[t, i] with row 0 = before training, and the upstream column
     results.json           R, U, how each cell was scored, per-task training stats
     predictions.npz        per-example correctness for every (stage, task), and the labels
@@ -47,6 +48,7 @@ from continual_lora.checkpoint import (
 )
 from continual_lora.config import RunConfig
 from continual_lora.families.classifier import ClassifierFamily
+from continual_lora.lineage import StageLineage, stage_facts
 from continual_lora.registry import get_strategy
 from continual_lora.sequence import build_stream, describe_mix, format_mix, load_sequence
 from continual_lora.strategies.base import TaskContext
@@ -146,6 +148,8 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     write_text_atomic(run_dir / "config.yaml", _config_yaml(cfg))
     lineage = _lineage(cfg, family, tasks, probe, parent, strategy_cls)
     write_json_atomic(run_dir / "lineage.json", lineage)
+    stage_lineage = StageLineage.start(lineage, cfg.name, cfg.resolve_path(cfg.lora.init_adapter)
+                                       if cfg.lora.init_adapter else None)
     echo(f"run {cfg.name}: strategy {cfg.strategy.name}, {len(tasks)} tasks, base "
          f"{cfg.model.name_or_path} ({family.fingerprint()[:12]}), folder {run_dir}")
 
@@ -192,7 +196,10 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         log({"event": "eval", "stage": task.index, "scores": row.scores,
              "upstream": row.upstream, **extra})
         echo(_row_line(task.index, f"after {task.name}", row) + _report_text(report))
-        _save_stage(ctx, strategy, _stage_dir(run_dir, task.index, task.name))
+        stage_dir = _stage_dir(run_dir, task.index, task.name)
+        facts = stage_facts(task.index, task.name, plan[-1], cfg.train, cfg.seed,
+                            [t.name for t in tasks], row.scores, row.upstream)
+        _save_stage(ctx, strategy, stage_dir, stage_lineage, facts)
         write_json_atomic(run_dir / "plan.json", plan)
         _write_results(run_dir, tasks, rows, stats, reports)
 
@@ -221,7 +228,9 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
 # -- writing the run folder -----------------------------------------------------------------------
 
 
-def _save_stage(ctx: TaskContext, strategy, stage_dir: Path) -> None:
+def _save_stage(ctx: TaskContext, strategy, stage_dir: Path,
+                stage_lineage: StageLineage | None = None, facts: dict | None = None) -> None:
+    """Write the stage folder whole, the adapter's (or full model's) `lineage.json` included."""
     with atomic_dir(stage_dir) as tmp:
         (tmp / "adapter").mkdir()
         info = strategy.export_adapter(ctx, tmp / "adapter")
@@ -229,6 +238,9 @@ def _save_stage(ctx: TaskContext, strategy, stage_dir: Path) -> None:
             (tmp / "adapter").rmdir()
         elif info.get("kind") == "full_weights":
             (tmp / "adapter").rename(tmp / "model")
+        written = [tmp / name for name in ("adapter", "model") if (tmp / name).is_dir()]
+        if stage_lineage is not None and written:
+            stage_lineage.write(written[0], stage_dir / written[0].name, {**facts, "export": info})
         ctx.family.save_task_parts(tmp)
         (tmp / "stage.json").write_text(json.dumps({"task": ctx.task.name, "index": ctx.t,
                                                      "export": info}, indent=2))

@@ -1,0 +1,151 @@
+"""The lineage an adapter folder carries with it: `adapter/lineage.json` (`model/` for full_ft).
+
+Schema `continual-lora/lineage/1`, one JSON object:
+
+    schema        "continual-lora/lineage/1"
+    created       ISO time of writing; `continual_lora` the tool version
+    run           {"name", "stage", "task"}: where the folder was written
+    base_model    {"name_or_path", "resolved_path", "fingerprint_sha256", "family"}
+    adapter       {"sha256", "files"}: this folder's own weights (see `weights_identity`)
+    parent        the adapter this one was trained from ({"path", "sha256", "files"}) or null:
+                  task 1: the run's `lora.init_adapter`; task t > 1: the previous stage's adapter
+    data          the data manifest of every task trained so far (the run lineage's entries)
+    strategy      {"name", "options"}; lora {"r", "alpha", "alpha_rule", "target_modules"}
+    train         {"lr", "epochs", "batch_size", "max_steps", "steps", "seed"} of this task
+    metrics       {"tasks", "R_row", "acc_so_far", "upstream"}: the scores after this stage
+    export        what `strategy.export_adapter` returned (stage.json's `export`)
+    chain         the ancestors' records, oldest first, each without its own `chain`
+
+The chain travels with the folder: a run started from an adapter that has a `lineage.json`
+copies that record and its chain in, so `continual-lora inspect` shows every earlier stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+SCHEMA = "continual-lora/lineage/1"
+FILE = "lineage.json"
+
+
+class LineageError(ValueError):
+    """A lineage.json that cannot be read as this schema; the message names the file."""
+
+
+def weights_identity(folder: Path) -> dict:
+    """sha256 over the bytes of the folder's top-level `*.safetensors` files, in name order (the
+    same method as the run lineage's parent identity), and their names. Subfolders (moe's
+    `task*/`) are not included: the root files are what a plain PEFT load reads."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "files": [f.name for f in files]}
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no NaN: an absent score (no upstream probe) is written as null."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def stage_facts(stage: int, task: str, plan_entry: dict, train, seed: int, task_names: list[str],
+                scores: list[float], upstream: float) -> dict:
+    """What the runner knows about one stage before it is saved, in the record's shape (`train`
+    is a TrainConfig; `export` is added by `StageLineage.write`'s caller). `acc_so_far` is the
+    mean of R[t, i] over the tasks trained so far (i ≤ t): ACC as if the sequence ended here."""
+    return {
+        "stage": stage, "task": task,
+        "train": {"lr": plan_entry["lr"], "epochs": train.epochs, "batch_size": train.batch_size,
+                  "max_steps": train.max_steps, "steps": plan_entry["steps"], "seed": seed},
+        "metrics": {"tasks": list(task_names), "R_row": [_finite(s) for s in scores],
+                    "acc_so_far": sum(scores[:stage]) / stage, "upstream": _finite(upstream)},
+    }
+
+
+def build_record(run_lineage: dict, run_name: str, facts: dict, weights: dict,
+                 parent: dict | None, chain: list[dict], created: str | None = None) -> dict:
+    """The lineage record of one written adapter folder (a pure function of its inputs)."""
+    from continual_lora import __version__
+
+    stage = facts["stage"]
+    return {
+        "schema": SCHEMA,
+        "created": created or datetime.now(UTC).isoformat(timespec="seconds"),
+        "continual_lora": __version__,
+        "run": {"name": run_name, "stage": stage, "task": facts["task"]},
+        "base_model": run_lineage["base_model"],
+        "adapter": weights,
+        "parent": parent,
+        "data": [d for d in run_lineage["data"] if d["index"] <= stage],
+        "strategy": run_lineage["strategy"],
+        "lora": run_lineage["lora"],
+        "train": facts["train"],
+        "metrics": facts["metrics"],
+        "export": facts["export"],
+        "chain": list(chain),
+    }
+
+
+def child_chain(record: dict) -> list[dict]:
+    """The chain of an adapter trained from `record`'s folder: its chain, then itself."""
+    return [*record.get("chain", []), {k: v for k, v in record.items() if k != "chain"}]
+
+
+def read_lineage(folder: Path) -> dict | None:
+    """The folder's lineage record, or None when it has none."""
+    file = Path(folder) / FILE
+    if not file.is_file():
+        return None
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise LineageError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        found = record.get("schema") if isinstance(record, dict) else type(record).__name__
+        raise LineageError(f"{file}: not a {SCHEMA} record (schema {found!r})")
+    return record
+
+
+def verify(folder: Path, record: dict) -> bool:
+    """True when the folder's weights are byte for byte those its record was written for."""
+    return weights_identity(folder) == record["adapter"]
+
+
+@dataclass
+class StageLineage:
+    """Writes each stage's record and remembers it as the next stage's parent."""
+
+    run_lineage: dict
+    run_name: str
+    parent: dict | None = None
+    chain: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, run_lineage: dict, run_name: str, init_adapter: Path | None) -> StageLineage:
+        """The first stage's parent is the run's `parent_adapter`; a parent folder that carries
+        its own lineage contributes its record and chain (with whether its weights still match
+        the record, under `parent.lineage_matches`)."""
+        parent = run_lineage.get("parent_adapter")
+        chain: list[dict] = []
+        if init_adapter is not None and parent is not None:
+            record = read_lineage(init_adapter)
+            if record is not None:
+                chain = child_chain(record)
+                parent = {**parent, "lineage_matches": verify(init_adapter, record)}
+        return cls(run_lineage, run_name, parent, chain)
+
+    def write(self, folder: Path, final_path: Path, facts: dict) -> dict:
+        """Write `folder/lineage.json` (the folder will live at `final_path`); returns it."""
+        record = build_record(self.run_lineage, self.run_name, facts, weights_identity(folder),
+                              self.parent, self.chain)
+        (Path(folder) / FILE).write_text(json.dumps(record, indent=2) + "\n")
+        self.parent = {"path": str(final_path), **record["adapter"]}
+        self.chain = child_chain(record)
+        return record
