@@ -260,7 +260,8 @@ class ClassifierFamily(ModelFamily):
     def _grow_shared_head(self, task: TaskData, weight: torch.Tensor, bias: torch.Tensor) -> None:
         old = self.module.heads["shared"] if "shared" in self.module.heads else None
         if task.index in self.module.offsets and old is not None:  # re-initialise its rows in place
-            rows = slice(self.module.offsets[task.index], self.module.offsets[task.index] + len(task.classes))
+            first = self.module.offsets[task.index]
+            rows = slice(first, first + len(task.classes))
             with torch.no_grad():
                 old.weight[rows] = weight.to(self.device)
                 old.bias[rows] = bias.to(self.device)
@@ -322,7 +323,8 @@ class ClassifierFamily(ModelFamily):
         for index in sorted(self._tasks):
             t = self._tasks[index]
             tasks.append({"index": index, "name": t.name, "classes": t.classes,
-                          "head": self.module.head_key(index), "offset": self.module.offsets.get(index, 0)})
+                          "head": self.module.head_key(index),
+                          "offset": self.module.offsets.get(index, 0)})
         save_file(tensors, str(out_dir / "heads.safetensors"))
         meta = {"mode": self.cfg.head, "pooling": self.cfg.pooling,
                 "normalize": self.cfg.normalize, "logit_scale": self.cfg.logit_scale,
