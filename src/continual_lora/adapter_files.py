@@ -204,6 +204,12 @@ def error_summary(errors: dict[str, float]) -> dict:
             "max_module": worst, "modules": len(errors)}
 
 
+def export_error_report(errors: dict[str, float]) -> dict:
+    """A stage report of an SVD export's relative error (mean and max over modules)."""
+    summary = error_summary(errors)
+    return {"export_error": {"mean": summary["mean"], "max": summary["max"]}}
+
+
 # -- writing --------------------------------------------------------------------------------------
 
 

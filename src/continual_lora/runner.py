@@ -48,7 +48,7 @@ from continual_lora.checkpoint import (
 )
 from continual_lora.config import RunConfig
 from continual_lora.families.classifier import ClassifierFamily
-from continual_lora.lineage import StageLineage, stage_facts
+from continual_lora.lineage import StageLineage, stage_facts, weights_identity
 from continual_lora.registry import get_strategy
 from continual_lora.sequence import build_stream, describe_mix, format_mix, load_sequence
 from continual_lora.strategies.base import TaskContext
@@ -290,13 +290,7 @@ def _config_yaml(cfg: RunConfig) -> str:
 
 
 def _adapter_identity(path: Path) -> dict:
-    import hashlib
-
-    weights = sorted(path.glob("*.safetensors"))
-    digest = hashlib.sha256()
-    for w in weights:
-        digest.update(w.read_bytes())
-    return {"path": str(path), "sha256": digest.hexdigest(), "files": [w.name for w in weights]}
+    return {"path": str(path), **weights_identity(path)}
 
 
 def _lineage(cfg: RunConfig, family, tasks, probe, parent, strategy_cls) -> dict:

@@ -37,7 +37,12 @@ import torch
 from peft import LoraConfig, PeftModel
 from pydantic import BaseModel, ConfigDict
 
-from continual_lora.adapters import attach_lora, load_adapter
+from continual_lora.adapters import (
+    attach_lora,
+    concatenate_factors,
+    load_adapter,
+    save_factors_as_adapter,
+)
 from continual_lora.config import RunConfig
 from continual_lora.families.base import ForwardOutput, ModelFamily
 from continual_lora.sequence import Source, TaskData
@@ -155,6 +160,18 @@ def fresh_adapter(ctx: TaskContext, backbone: torch.nn.Module,
     if from_user_adapter and ctx.run.lora.init_adapter:
         return load_adapter(backbone, ctx.run.resolve_path(ctx.run.lora.init_adapter))
     return attach_lora(backbone, ctx.lora_config, seed=ctx.seed)
+
+
+def export_concatenated(ctx: TaskContext, history: list, out_dir: Path) -> dict:
+    """Write Σ_s ΔW_s of the adapters in `history` (factor dicts, oldest first) as one PEFT
+    adapter of rank Σ r_s, exact (factors concatenated); returns the export facts."""
+    if not history:
+        raise AdapterError("no adapter has been trained yet: nothing to export")
+    factors = concatenate_factors(history)
+    save_factors_as_adapter(factors, ctx.family.fresh_backbone(), out_dir,
+                            ctx.run.model.name_or_path)
+    rank = next(iter(factors.values())).A.shape[0]
+    return {"kind": "peft_lora_concatenated", "rank": rank}
 
 
 def check_adapter_tensors(model: PeftModel) -> None:

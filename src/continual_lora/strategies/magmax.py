@@ -9,7 +9,13 @@ import torch
 from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field
 
-from continual_lora.adapter_files import cap_rank, error_summary, svd_factors, write_adapter
+from continual_lora.adapter_files import (
+    cap_rank,
+    error_summary,
+    export_error_report,
+    svd_factors,
+    write_adapter,
+)
 from continual_lora.adapters import LoraFactors, lora_factors
 from continual_lora.merging import magmax
 from continual_lora.registry import register_strategy
@@ -99,10 +105,7 @@ class MagmaxStrategy(Strategy):
 
     def stage_report(self, ctx: TaskContext) -> dict | None:
         """The export's reconstruction error, shown on the runner's line for the stage."""
-        if self.export is None:
-            return None
-        summary = error_summary(self.export[1])
-        return {"export_error": {"mean": summary["mean"], "max": summary["max"]}}
+        return None if self.export is None else export_error_report(self.export[1])
 
     def export_adapter(self, ctx: TaskContext, out_dir: Path) -> dict:
         if self.export is None:

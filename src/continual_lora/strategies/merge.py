@@ -14,6 +14,7 @@ from continual_lora.adapter_files import (
     DEFAULT_DROP_RATE,
     cap_rank,
     error_summary,
+    export_error_report,
     merge_modules,
     svd_factors,
     weighted_concatenation,
@@ -147,10 +148,7 @@ class MergeStrategy(Strategy):
 
     def stage_report(self, ctx: TaskContext) -> dict | None:
         """The export's reconstruction error, shown on the runner's line for the stage."""
-        if self.export is None:
-            return None
-        summary = error_summary(self.export[1])
-        return {"export_error": {"mean": summary["mean"], "max": summary["max"]}}
+        return None if self.export is None else export_error_report(self.export[1])
 
     def export_adapter(self, ctx: TaskContext, out_dir: Path) -> dict:
         if self.export is None:

@@ -30,17 +30,15 @@ from torch import nn
 
 from continual_lora.adapters import (
     LoraFactors,
-    concatenate_factors,
     lora_factors,
-    save_factors_as_adapter,
 )
 from continual_lora.config import ConfigError
 from continual_lora.registry import register_strategy
 from continual_lora.strategies.base import (
-    AdapterError,
     Strategy,
     TaskContext,
     check_adapter_tensors,
+    export_concatenated,
 )
 
 NonNegative = Annotated[float, Field(ge=0)]
@@ -256,12 +254,6 @@ class OloraStrategy(Strategy):
         backbone = ctx.family.backbone
         if len(history) < len(self.adapters) and isinstance(backbone, PeftModel):
             history.append(lora_factors(backbone, self.adapters[-1]))  # called mid-task
-        if not history:
-            raise AdapterError("no adapter has been trained yet: nothing to export")
-        factors = concatenate_factors(history)
-        save_factors_as_adapter(factors, ctx.family.fresh_backbone(), out_dir,
-                                ctx.run.model.name_or_path)
-        rank = next(iter(factors.values())).A.shape[0]
-        return {"kind": "peft_lora_concatenated", "rank": rank,
+        return {**export_concatenated(ctx, history, out_dir),
                 "adapters": self.adapters[:len(history)],
                 "frozen_adapters": self.options.frozen_adapters}

@@ -14,17 +14,15 @@ from torch import nn
 
 from continual_lora.adapters import (
     LoraFactors,
-    concatenate_factors,
     lora_factors,
-    save_factors_as_adapter,
 )
 from continual_lora.registry import register_strategy
 from continual_lora.strategies.base import (
-    AdapterError,
     Strategy,
     TaskContext,
     check_adapter_tensors,
     ensure_adapter,
+    export_concatenated,
 )
 
 RANK_TOL = 1e-6  # singular values below RANK_TOL · s_max do not count towards the row space
@@ -178,10 +176,5 @@ class OrthoInitStrategy(Strategy):
         ctx.family.set_backbone(peft_model.merge_and_unload())
 
     def export_adapter(self, ctx: TaskContext, out_dir: Path) -> dict:
-        if not self.history:
-            raise AdapterError("no task has been merged yet: nothing to export")
-        factors = concatenate_factors(self.history)
-        save_factors_as_adapter(factors, ctx.family.fresh_backbone(), out_dir,
-                                ctx.run.model.name_or_path)
-        rank = next(iter(factors.values())).A.shape[0]
-        return {"kind": "peft_lora_concatenated", "rank": rank, "tasks_merged": len(self.history)}
+        return {**export_concatenated(ctx, self.history, out_dir),
+                "tasks_merged": len(self.history)}
