@@ -10,10 +10,14 @@ from pathlib import Path
 
 from continual_lora.checkpoint import RunDirExists
 from continual_lora.config import ConfigError, is_bench_config, load_bench_config, load_run_config
+from continual_lora.resume import CheckpointError
 from continual_lora.strategies.base import AdapterError
 from continual_lora.trainer import TrainingError
+from continual_lora.update import cli as update_cli
+from continual_lora.update.budget import BudgetError
 
-USER_ERRORS = (ConfigError, RunDirExists, TrainingError, AdapterError)
+USER_ERRORS = (ConfigError, RunDirExists, TrainingError, AdapterError, BudgetError,
+               CheckpointError)
 
 
 def _demo_config_path() -> Path:
@@ -206,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "kohya .safetensors file")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    update_cli.add_parser(sub)
 
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.set_defaults(func=cmd_strategies)

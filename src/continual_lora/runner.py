@@ -146,7 +146,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         parent = _adapter_identity(cfg.resolve_path(cfg.lora.init_adapter))
 
     write_text_atomic(run_dir / "config.yaml", _config_yaml(cfg))
-    lineage = _lineage(cfg, family, tasks, probe, parent, strategy_cls)
+    lineage = run_lineage(cfg, family, tasks, probe, parent, strategy_cls)
     write_json_atomic(run_dir / "lineage.json", lineage)
     stage_lineage = StageLineage.start(lineage, cfg.name, cfg.resolve_path(cfg.lora.init_adapter)
                                        if cfg.lora.init_adapter else None)
@@ -293,7 +293,9 @@ def _adapter_identity(path: Path) -> dict:
     return {"path": str(path), **weights_identity(path)}
 
 
-def _lineage(cfg: RunConfig, family, tasks, probe, parent, strategy_cls) -> dict:
+def run_lineage(cfg: RunConfig, family, tasks, probe, parent, strategy_cls) -> dict:
+    """The run-level lineage (run folder's lineage.json): base identity, parent adapter,
+    strategy, LoRA settings, data manifests, software versions."""
     import importlib.metadata as md
 
     versions = {}

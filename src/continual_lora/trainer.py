@@ -12,11 +12,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 
 from continual_lora.families.base import ModelFamily
+from continual_lora.resume import ResumeState, load_trainable_state, set_rng_state
 from continual_lora.sequence import Stream, TaskData
 from continual_lora.strategies.base import Strategy
 
@@ -32,6 +35,30 @@ class TrainStats:
     first_loss: float
     last_loss: float
     seconds: float
+    stopped_at: int | None = None  # steps done when a step hook stopped the task early
+    resumed_from: int | None = None  # steps already done when this call started (a resume)
+
+
+@dataclass
+class LoopState:
+    """The loop's live objects, as a step hook sees them after an optimizer step."""
+
+    steps_done: int
+    total_steps: int
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    first_loss: float
+    last_loss: float
+
+
+class StepHook(Protocol):
+    """Called after every `every`-th optimizer step and after the last one; returning True
+    stops the task there (a forgetting budget does). It may evaluate or save a checkpoint."""
+
+    every: int
+
+    def __call__(self, state: LoopState) -> bool: ...
 
 
 def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
@@ -45,7 +72,11 @@ def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
 
 def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: list[TaskData],
                stream: Stream, lr: float, train_cfg, accelerator: Accelerator,
-               log: Callable[[dict], None], global_step: int = 0) -> TrainStats:
+               log: Callable[[dict], None], global_step: int = 0, hook: StepHook | None = None,
+               resume: ResumeState | None = None) -> TrainStats:
+    """Train `task` for `stream.steps` steps. With `resume`, the optimizer, scheduler,
+    trainable weights and RNG states are those of the checkpoint and the loop starts at its
+    step: the rest of the task is what the uninterrupted run would have done."""
     # --- setup: what trains, with which optimizer and schedule --------------------------------
     module = family.module
     backbone_params = [p for p in module.backbone.parameters() if p.requires_grad]
@@ -66,15 +97,23 @@ def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: l
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(warmup, stream.steps))
     model, optimizer = accelerator.prepare(module, optimizer)
+    start_step, first_loss = 0, math.nan
+    if resume is not None:
+        load_trainable_state(module, resume.params)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        set_rng_state(resume.rng)
+        start_step, first_loss = resume.steps_done, resume.first_loss
     by_index = {t.index: t for t in tasks}
     names = {t.index: t.name for t in tasks}
 
     # --- loop --------------------------------------------------------------------------------
     model.train()
-    progress = _progress(stream.steps, f"task {task.index} {task.name}", accelerator)
-    first_loss = last_loss = math.nan
+    progress = _progress(stream.steps, f"task {task.index} {task.name}", accelerator,
+                         start_step)
+    last_loss, stopped_at = math.nan, None
     start = time.perf_counter()
-    for step, examples in stream.batches():
+    for step, examples in stream.batches(start_step):
         batch = family.collate(examples, by_index)
         outputs = family.forward(batch, model)
         loss = outputs.loss
@@ -106,24 +145,35 @@ def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: l
                  "task_loss": float(loss.detach()),
                  "extra_loss": None if extra is None else float(extra.detach()),
                  "lr": scheduler.get_last_lr()[0], "loss_by_source": per_source})
+        done = step + 1
+        if hook is not None and (done % hook.every == 0 or done == stream.steps):
+            state = LoopState(done, stream.steps, module, optimizer, scheduler, first_loss,
+                              last_loss)
+            if hook(state) and done < stream.steps:
+                stopped_at = done
+                log({"event": "stopped", "task": task.name, "step": done})
+                break
     progress.close()
     model.eval()
     accelerator.free_memory()  # drop accelerate's references to this task's model/optimizer
-    return TrainStats(stream.steps, n_trainable, first_loss, last_loss,
-                      time.perf_counter() - start)
+    steps = stopped_at or stream.steps
+    return TrainStats(steps, n_trainable, first_loss, last_loss, time.perf_counter() - start,
+                      stopped_at, start_step or None)
 
 
 class _progress:
     """tqdm on a terminal; on redirected output, a plain line every ~10% of the steps."""
 
-    def __init__(self, total: int, desc: str, accelerator: Accelerator):
-        self.total, self.desc, self.n = total, desc, 0
+    def __init__(self, total: int, desc: str, accelerator: Accelerator, done: int = 0):
+        self.total, self.desc, self.n = total, desc, done
+        self.first = done
         self.enabled = accelerator.is_main_process
         self.bar = None
         if self.enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, desc=desc, leave=False,
+                            dynamic_ncols=True)
         self.every = max(1, total // 10)
         self.start = time.perf_counter()
 
@@ -134,7 +184,7 @@ class _progress:
             self.bar.set_postfix(loss=f"{loss:.4f}")
         elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
             elapsed = time.perf_counter() - self.start
-            eta = elapsed / self.n * (self.total - self.n)
+            eta = elapsed / (self.n - self.first) * (self.total - self.n)
             print(f"  {self.desc}: step {self.n}/{self.total} loss {loss:.4f} "
                   f"({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)
 

@@ -21,6 +21,14 @@ and, around evaluation (they are not part of the training sequence above):
                                  accuracy), a JSON-able dict or None; the runner stores it in
                                  results.json, metrics.json and strategy_report.json
 
+and, for `continual-lora update`, which trains one new stage on an adapter trained earlier
+(by this tool or any other):
+
+    adopt(ctx)                   the adapter on the backbone was trained on `ctx.task` before this
+                                 process began: take it into the strategy's state as if the
+                                 strategy had trained it (default: run `after_task(ctx)`, which
+                                 fills replay buffers, merges the adapter for Merge & Init, ...)
+
 Strategies subclass `Strategy` directly (no deeper implementation inheritance) and register with
 `@register_strategy`; the key is the file name and the class is `<CamelKey>Strategy`.
 """
@@ -94,6 +102,8 @@ class Strategy:
     uses_lora: ClassVar[bool] = True
     needs_old_data: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    #: Why `continual-lora update` cannot use this strategy, or "" when it can.
+    not_for_update: ClassVar[str] = ""
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()
@@ -127,6 +137,11 @@ class Strategy:
         check_adapter_tensors(backbone)
         backbone.save_pretrained(str(out_dir))
         return {"kind": "peft_lora", "rank": ctx.lora_config.r if ctx.lora_config else None}
+
+    def adopt(self, ctx: TaskContext) -> None:
+        """The adapter now on the backbone was trained on `ctx.task` earlier (an update's old
+        adapter): take it into the strategy's state as if this strategy had just trained it."""
+        self.after_task(ctx)
 
     def scoring(self, ctx: TaskContext | None, task: TaskData | None) -> AbstractContextManager:
         """Entered around the scoring of `task` (None: the upstream probe; `ctx` None: row 0)."""

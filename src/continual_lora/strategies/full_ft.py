@@ -29,6 +29,7 @@ class FullFtStrategy(Strategy):
     Options = FullFtOptions
     uses_lora = False
     summary = "fine-tune every weight (no adapter)"
+    not_for_update = "it writes full model weights, not an adapter; use `continual-lora run`"
 
     def before_task(self, ctx: TaskContext) -> None:
         backbone = ctx.family.backbone

@@ -87,6 +87,12 @@ class MagmaxStrategy(Strategy):
         self.peft.enable_adapter_layers()  # also makes its LoRA weights trainable again
         ctx.family.set_backbone(self.peft)
 
+    def adopt(self, ctx: TaskContext) -> None:
+        """The old adapter is τ_1; training then continues it, as after any task."""
+        refuse_quantised(ctx.family.backbone)
+        self.peft = ctx.family.backbone
+        self.after_task(ctx)
+
     def after_task(self, ctx: TaskContext) -> None:
         peft_model = ctx.family.backbone
         check_adapter_tensors(peft_model)

@@ -231,6 +231,8 @@ class MoeStrategy(Strategy):
     name = "moe"
     Options = MoeOptions
     summary = "one adapter per task, mixed at inference by a router (oracle/prototype/learned)"
+    not_for_update = ("its output is a set of adapters and a router, not one adapter; train the "
+                      "sequence with `continual-lora run` instead")
 
     def __init__(self, options=None):
         super().__init__(options)

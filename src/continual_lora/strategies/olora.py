@@ -242,6 +242,11 @@ class OloraStrategy(Strategy):
             terms.append(self.options.lambda2 * squared_l2(self.l2_groups))
         return sum(terms[1:], terms[0]) if terms else None
 
+    def adopt(self, ctx: TaskContext) -> None:
+        """The old adapter is a finished adapter: its A's enter the next task's penalty."""
+        self.adapters.append(ctx.family.backbone.active_adapter)
+        self.after_task(ctx)
+
     def after_task(self, ctx: TaskContext) -> None:
         peft = ctx.family.backbone
         check_adapter_tensors(peft)

@@ -38,12 +38,20 @@ class ReplayStrategy(Strategy):
                     for old in ctx.previous]
         return [new_data(ctx.task), *replayed]
 
+    def adopt(self, ctx: TaskContext) -> None:
+        """Every old task's data (what the user kept of it) becomes a buffer."""
+        for task in ctx.seen:  # each with the seed the runner gives its stage
+            self._fill(task, ctx.run.seed * 1000 + task.index)
+
     def after_task(self, ctx: TaskContext) -> None:
-        task, size = ctx.task, self.options.buffer_size
+        self._fill(ctx.task, ctx.seed)
+
+    def _fill(self, task, seed: int) -> None:
+        size = self.options.buffer_size
         n = len(task.train)
         if size is None or size >= n:
             self.buffers[task.index] = np.arange(n)
         elif self.options.selection == "class_balanced":
-            self.buffers[task.index] = class_balanced_sample(task.train.labels, size, ctx.seed)
+            self.buffers[task.index] = class_balanced_sample(task.train.labels, size, seed)
         else:
-            self.buffers[task.index] = reservoir_sample(n, size, ctx.seed)
+            self.buffers[task.index] = reservoir_sample(n, size, seed)

@@ -1,0 +1,174 @@
+"""Training checkpoints: everything a stage needs to continue exactly where it stopped.
+
+A checkpoint is a folder `step-NNNNNN/` holding
+
+    state.pt     the trainable parameters (by name), the optimizer's and the scheduler's state
+                 dicts, the RNG states and the loop's counters, written with `torch.save` and
+                 read back with `weights_only=True` (tensors, numbers, strings and containers
+                 only: nothing in it can run code)
+    meta.json    the step, the sha256 of state.pt, and whatever the caller adds (`extra`)
+
+The folder is written whole or not at all (`atomic_dir`); a folder whose state.pt no longer
+matches its sha256 (a torn copy, a disk error) is skipped with a message naming it, and the
+newest good one is used. Only the trainable parameters are stored: everything frozen (the base,
+merged earlier adapters, old heads) is rebuilt deterministically by the stage's setup, which
+is why a resume replays that setup before loading the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from continual_lora.checkpoint import atomic_dir
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (the message names the folder and what to do)."""
+
+
+@dataclass
+class ResumeState:
+    """A loaded checkpoint: what `train_task` needs to continue at `steps_done`."""
+
+    steps_done: int
+    params: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    first_loss: float
+    extra: dict = field(default_factory=dict)
+    folder: Path | None = None
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the module's trainable parameters, by name (CPU, same dtype)."""
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters()
+            if p.requires_grad}
+
+
+def load_trainable_state(module: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Copy `params` into the module's trainable parameters, in place (references that
+    strategies hold, such as O-LoRA's stacked A's, stay valid). The names and shapes must be
+    exactly those of the module: anything else is a different setup, not a resume."""
+    live = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(live) - set(params)), sorted(set(params) - set(live))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the checkpoint's trainable parameters do not match this setup (missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}): it was written by another "
+            "configuration")
+    with torch.no_grad():
+        for name, p in live.items():
+            if tuple(p.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"checkpoint parameter {name} has shape "
+                                      f"{tuple(params[name].shape)}, the model {tuple(p.shape)}")
+            p.copy_(params[name].to(p.device, p.dtype))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    """`random.setstate` needs tuples; a round trip through a state dict may give lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def save_checkpoint(root: Path, steps_done: int, module: nn.Module, optimizer, scheduler,
+                    first_loss: float, extra: dict | None = None) -> Path:
+    """Write `root/step-NNNNNN/` atomically; returns its path."""
+    payload = {"steps_done": steps_done, "params": trainable_state(module),
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "rng": _plain_rng(rng_state()), "first_loss": first_loss}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    folder = root / f"{PREFIX}{steps_done:06d}"
+    with atomic_dir(folder) as tmp:
+        (tmp / STATE_FILE).write_bytes(data)
+        meta = {"step": steps_done, "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data), "extra": extra or {}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def _plain_rng(state: dict) -> dict:
+    """RNG states as tensors and plain containers, so `weights_only=True` can read them."""
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    return {**state, "numpy": (kind, torch.from_numpy(np.asarray(keys)), pos, has_gauss, gauss)}
+
+
+def _numpy_rng(state: tuple) -> tuple:
+    kind, keys, pos, has_gauss, gauss = state
+    return (kind, np.asarray(keys.numpy(), dtype=np.uint32), pos, has_gauss, gauss)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob(f"{PREFIX}[0-9]*") if p.is_dir())
+
+
+def read_checkpoint(folder: Path) -> ResumeState:
+    """Load one checkpoint folder, verifying its checksum."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        data = (folder / STATE_FILE).read_bytes()
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({exc})") from None
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise CheckpointError(f"{folder}: {STATE_FILE} does not match the sha256 in {META_FILE} "
+                              "(a torn or corrupted write)")
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    rng = dict(payload["rng"])
+    rng["numpy"] = _numpy_rng(rng["numpy"])
+    return ResumeState(payload["steps_done"], payload["params"], payload["optimizer"],
+                       payload["scheduler"], rng, payload["first_loss"], meta.get("extra", {}),
+                       folder)
+
+
+def latest_checkpoint(root: Path, echo: Callable[[str], None] = print) -> ResumeState | None:
+    """The newest checkpoint under `root` that passes its checksum (bad ones are named and
+    skipped), or None when there is none."""
+    for folder in reversed(checkpoints(root)):
+        try:
+            return read_checkpoint(folder)
+        except CheckpointError as exc:
+            echo(f"skipping checkpoint: {exc}")
+    return None
+
+
+def prune(root: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
+    """Remove all but the newest `keep_last` checkpoints, and those in `keep`."""
+    folders = checkpoints(root)
+    for folder in folders[: max(0, len(folders) - keep_last)]:
+        if folder not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
