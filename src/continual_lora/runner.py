@@ -80,7 +80,7 @@ class RunResult:
     family: object = None  # the trained model (ModelFamily), for library use; not saved
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     import random
 
     random.seed(seed)
@@ -130,7 +130,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         log_file.write(json.dumps(event) + "\n")
         log_file.flush()
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     family = ClassifierFamily(cfg.model, cfg.seed)
     family.load()

@@ -45,7 +45,7 @@ from continual_lora.families.classifier import ClassifierFamily
 from continual_lora.lineage import StageLineage, stage_facts
 from continual_lora.registry import get_strategy
 from continual_lora.resume import latest_checkpoint
-from continual_lora.runner import Row, run_lineage, score_row
+from continual_lora.runner import Row, run_lineage, score_row, seed_everything
 from continual_lora.sequence import (
     RetrievalProbe,
     Source,
@@ -206,6 +206,7 @@ def _load_adapter(family: ClassifierFamily, old: OldAdapter, base: str) -> None:
 
 def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
     """Load and check everything, decide every default, build the plan. Writes nothing."""
+    seed_everything(cfg.seed)  # the base's dropout draws from the global RNG while training
     old = read_old_adapter(cfg.resolve_path(cfg.adapter))
     tasks, probe_tasks = load_tasks(cfg, old.head_tasks)
     new = tasks[-1]
