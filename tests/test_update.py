@@ -37,6 +37,10 @@ def test_repeats_give_the_asked_share():
     # Seed 000's "20 old + 10 new, double the repeats of the new": share 20 / 40.
     r_new, r_old, share = recipe.repeats_for_share(10, 20, 0.5)
     assert (r_new, r_old) == (2, 1) and share == pytest.approx(0.5)
+    # 590 new and 480 old at one half: ×1/×1 gives 55.1 % and ×3/×4 gives 1770 / 3690 =
+    # 47.97 %, both outside 2 points; the smallest pair within is ×4/×5: 2360 / 4760 = 49.6 %.
+    r_new, r_old, share = recipe.repeats_for_share(590, 480, 0.5)
+    assert (r_new, r_old) == (4, 5) and share == pytest.approx(2360 / 4760)
     # No old data: everything is new.
     assert recipe.repeats_for_share(10, 0, 0.5) == (1, 1, 1.0)
     # An unreachable share is approached as closely as 16 repeats allow: 10·16 / (10·16 + 1000).

@@ -15,6 +15,7 @@ DEFAULT_BATCH = 32
 MIN_STEPS, MAX_STEPS = 100, 300
 PASSES_OVER_NEW = 3  # how many times the default schedule shows each new example
 MAX_REPEATS = 16
+SHARE_TOLERANCE = 0.02  # repeats as small as possible, within 2 points of the asked share
 DEFAULT_NEW_SHARE = 0.5
 
 # `auto` without old data: the strategy with the best measured trade-off among those that need
@@ -74,21 +75,25 @@ def steps(requested: int | None, n_new: int, new_share: float, batch: int) -> Ch
                          f"{new_share:.0%} of batches of {batch} = {raw}{clamp}")
 
 
-def repeats_for_share(n_new: int, n_old: int, share: float,
-                      max_repeats: int = MAX_REPEATS) -> tuple[int, int, float]:
-    """Integer repeats (new, old) whose per-epoch share of new examples,
-    n_new·r_new / (n_new·r_new + n_old·r_old), is closest to `share`; among equally close
-    pairs the smallest repeats win. Returns (r_new, r_old, achieved share)."""
+def repeats_for_share(n_new: int, n_old: int, share: float, max_repeats: int = MAX_REPEATS,
+                      tolerance: float = SHARE_TOLERANCE) -> tuple[int, int, float]:
+    """Integer repeats (new, old) for a per-epoch share of new examples
+    n_new·r_new / (n_new·r_new + n_old·r_old) near `share`: the pair with the smallest
+    r_new + r_old among those within `tolerance` (then the closer, then the smaller r_new);
+    when none is, the closest pair. Small repeats keep an "epoch" a meaningful unit, as a
+    kohya user would set them by hand. Returns (r_new, r_old, achieved share)."""
     if n_old == 0:
         return 1, 1, 1.0
-    best = None
+    pairs = []
     for r_new in range(1, max_repeats + 1):
         for r_old in range(1, max_repeats + 1):
             achieved = n_new * r_new / (n_new * r_new + n_old * r_old)
-            key = (round(abs(achieved - share), 12), r_new + r_old)
-            if best is None or key < best[0]:
-                best = (key, r_new, r_old, achieved)
-    _, r_new, r_old, achieved = best
+            pairs.append((round(abs(achieved - share), 12), r_new, r_old, achieved))
+    within = [p for p in pairs if p[0] <= tolerance + 1e-12]
+    if within:
+        _, r_new, r_old, achieved = min(within, key=lambda p: (p[1] + p[2], p[0], p[1]))
+    else:
+        _, r_new, r_old, achieved = min(pairs, key=lambda p: (p[0], p[1] + p[2]))
     return r_new, r_old, achieved
 
 
