@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from continual_lora.cli import main
 from continual_lora.config import load_run_config
+from continual_lora.lineage import verify
 from continual_lora.resume import checkpoints, latest_checkpoint, read_checkpoint, save_checkpoint
 from continual_lora.runner import run
 from continual_lora.trainer import LoopState
@@ -189,6 +190,7 @@ def test_update_without_old_data_writes_adapter_report_and_lineage(old_run, tiny
     assert [c["run"]["task"] for c in lineage["chain"]] == ["a"]
     assert lineage["strategy"]["name"] == "lwf" and lineage["run"]["task"] == "b"
     assert lineage["export"]["update"]["strategy_why"].startswith("auto")
+    assert verify(out, lineage)  # the heads beside the adapter files are not part of its hash
     # The folder is a plain PEFT adapter: it loads on the base and changes its output.
     base = AutoModel.from_pretrained(old_lineage["base_model"]["resolved_path"])
     ids = torch.tensor([[101, 2023, 2003, 102]])

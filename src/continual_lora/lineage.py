@@ -31,6 +31,7 @@ from pathlib import Path
 
 SCHEMA = "continual-lora/lineage/1"
 FILE = "lineage.json"
+NOT_WEIGHTS = {"heads.safetensors"}
 
 
 class LineageError(ValueError):
@@ -40,8 +41,10 @@ class LineageError(ValueError):
 def weights_identity(folder: Path) -> dict:
     """sha256 over the bytes of the folder's top-level `*.safetensors` files, in name order (the
     same method as the run lineage's parent identity), and their names. Subfolders (moe's
-    `task*/`) are not included: the root files are what a plain PEFT load reads."""
-    files = sorted(Path(folder).glob("*.safetensors"))
+    `task*/`) are not included: the root files are what a plain PEFT load reads. Classifier
+    heads (`heads.safetensors`, kept inside an update's output folder) are not the adapter's
+    weights and are left out too."""
+    files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name not in NOT_WEIGHTS)
     digest = hashlib.sha256()
     for file in files:
         with file.open("rb") as fh:
