@@ -91,7 +91,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
 
 def _all_config_files():
     return sorted((ROOT / "configs").glob("*.yaml")) + sorted(
-        (ROOT / "src" / "continual_lora" / "presets").glob("*.yaml"))
+        (ROOT / "src" / "continual_lora" / "presets").glob("*.yaml")) + sorted(
+        (ROOT / "examples").glob("*/*.yaml"))
 
 
 @pytest.mark.parametrize("path", _all_config_files(), ids=lambda p: p.name)
