@@ -371,3 +371,39 @@ def test_every_updatable_strategy_writes_a_loadable_adapter(strategy, old_run, t
         scores = [family.score_task(t, True, 16).score for t in tasks]
         report = result.report
         assert scores == pytest.approx([report["old"][0]["after"], report["new"]["after"]])
+
+
+@pytest.mark.parametrize("kept", [0, 2])
+def test_an_empty_or_partial_adapter_file_is_refused(kept, old_run, tiny_task_files, tmp_path,
+                                                     capsys):
+    """PEFT only warns when an adapter file lacks tensors (they stay B = 0: a silent no-op)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(old_run / "tasks" / "01-a" / "adapter", broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    save_file(dict(list(sorted(tensors.items()))[:kept]), str(broken / "adapter_model.safetensors"))
+    out = tmp_path / "out"
+    assert main(["update", "--adapter", str(broken), "--new",
+                 str(tiny_task_files / "b_train.jsonl"), "--out", str(out), "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    applied = {0: 0, 2: 1}[kept]  # the first two sorted keys are one module's A and B
+    assert f"applied {applied} of the 4 LoRA modules" in err and "partial load" in err
+    assert not out.exists()
+
+
+def test_zero_trainable_parameters_is_refused_before_anything_is_written(
+        old_run, tiny_task_files, tmp_path, capsys, monkeypatch):
+    """A strategy setup that leaves nothing trainable (fault injected: the adapter frozen)."""
+    from continual_lora.strategies.naive import NaiveStrategy
+
+    monkeypatch.setattr(NaiveStrategy, "before_task",
+                        lambda self, ctx: ctx.family.backbone.requires_grad_(False))
+    out = tmp_path / "out"
+    assert main(["update", "--adapter", str(old_run), "--new",
+                 str(tiny_task_files / "b_train.jsonl"), "--out", str(out), "--steps", "4",
+                 "--strategy", "naive"]) == 2
+    assert "0 trainable adapter parameters" in capsys.readouterr().err
+    assert not out.exists()

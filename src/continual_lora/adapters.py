@@ -104,10 +104,38 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(
             f"lora.init_adapter: {path} does not fit this base model: {exc}") from None
+    check_complete_load(model, path)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise ConfigError(f"lora.init_adapter: {path} loaded with 0 trainable parameters")
     return model
+
+
+def check_complete_load(model: PeftModel, path: Path, adapter: str = "default") -> None:
+    """Refuse a silent partial load: PEFT only warns when the file lacks some of the LoRA
+    tensors its config creates (those stay at their fresh init: B = 0, so the module does
+    nothing) or holds tensors that match no module of this base (they are dropped)."""
+    from safetensors import safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # PEFT refused to load anything else already
+    with safe_open(str(weights), framework="pt") as fh:
+        in_file = {k for k in fh.keys() if "lora_" in k}  # not modules_to_save, biases
+    expected = {name.replace(f".{adapter}.", ".") for name, _ in model.named_parameters()
+                if "lora_" in name and f".{adapter}." in name}
+    missing, unmatched = sorted(expected - in_file), sorted(in_file - expected)
+    if missing or unmatched:
+        lora_modules = len({k.rsplit(".lora_", 1)[0] for k in expected})
+        applied = len({k.rsplit(".lora_", 1)[0] for k in expected & in_file})
+        detail = (f"; missing e.g. {missing[:2]}" if missing else "") + (
+            f"; matching no module e.g. {unmatched[:2]}" if unmatched else "")
+        raise ConfigError(
+            f"{path}: applied {applied} of the {lora_modules} LoRA modules its "
+            f"adapter_config.json creates ({len(missing)} tensors missing from "
+            f"{weights.name}, {len(unmatched)} matching no module of this base){detail}. An "
+            "empty or partial adapter file, or one written for another architecture: refusing "
+            "a silent partial load")
 
 
 @dataclass

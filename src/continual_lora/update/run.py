@@ -351,6 +351,9 @@ def get_strategy_or_error(name: str):
 def format_plan(plan: dict, base_line: str, old: OldAdapter) -> str:
     lora = plan["lora"]
     chain = " → ".join(str(s) for s in plan["lineage_stages"]) or "none (no lineage.json)"
+    if old.lineage_matches is False:
+        chain += (" (WARNING: the weights do not match lineage.json: they were changed after it "
+                  "was written, so its LR, batch and base fingerprint may not describe them)")
     lines = [
         "update plan",
         f"  base          {plan['base']} (fingerprint {base_line})",
