@@ -47,13 +47,28 @@ def _bench(cfg) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if is_bench_config(args.config):
-        raise ConfigError(f"{args.config} is a bench config (it has `strategies`): use "
-                          "`continual-lora bench`")
     from continual_lora.runner import run
 
-    cfg = load_run_config(args.config, args.overrides)
-    result = run(cfg)
+    if args.resume:
+        if args.config and "=" in args.config:  # argparse took the first override for CONFIG
+            args.overrides, args.config = [args.config, *args.overrides], None
+        if args.config:
+            raise ConfigError("--resume RUN_DIR takes the config stored in RUN_DIR; give no "
+                              "config file")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there, so no run was started "
+                              "in it; start one with `continual-lora run CONFIG`")
+        cfg = load_run_config(run_dir / "config.yaml", args.overrides)
+        result = run(cfg, run_dir=run_dir, resume=True)
+    else:
+        if not args.config:
+            raise ConfigError("run needs a CONFIG file (or --resume RUN_DIR)")
+        if is_bench_config(args.config):
+            raise ConfigError(f"{args.config} is a bench config (it has `strategies`): use "
+                              "`continual-lora bench`")
+        cfg = load_run_config(args.config, args.overrides)
+        result = run(cfg)
     m = result.metrics
     print(f"\nACC {m['acc']:.3f}  forgetting {m['forgetting']:.3f}  BWT {m['bwt']:.3f}  "
           f"FWT {m['fwt']:.3f}  upstream retention {m.get('upstream_retention', float('nan')):.3f}")
@@ -169,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="one strategy over a sequence")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly from "
+                   "its last good checkpoint (same config)")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_run)
 

@@ -109,6 +109,12 @@ class TrainConfig(Strict):
     """Examples per no-grad evaluation batch."""
     log_every: int = Field(10, ge=1)
     """Write a log line every N steps."""
+    checkpoint_every: int = Field(50, ge=1)
+    """Write a training checkpoint every N steps (and at each task's last step), so an
+    interrupted run resumes (`continual-lora run --resume RUN_DIR`) losing at most N steps."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept per task while it trains; a finished task keeps its last one (its end
+    weights) until the run finishes, when the `checkpoints/` folder is removed."""
 
 
 class TaskConfig(Strict):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -46,10 +47,24 @@ from continual_lora.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
-from continual_lora.config import RunConfig
+from continual_lora.config import ConfigError, RunConfig
 from continual_lora.families.classifier import ClassifierFamily
 from continual_lora.lineage import StageLineage, stage_facts, weights_identity
 from continual_lora.registry import get_strategy
+from continual_lora.resume import (
+    CheckpointHook,
+    latest_checkpoint,
+    load_trainable_state,
+    prune,
+    set_rng_state,
+)
+from continual_lora.run_resume import (
+    CHECKPOINTS,
+    check_same_config,
+    finished_task_state,
+    read_progress,
+    task_checkpoints,
+)
 from continual_lora.sequence import build_stream, describe_mix, format_mix, load_sequence
 from continual_lora.strategies.base import TaskContext
 from continual_lora.trainer import train_task
@@ -113,16 +128,27 @@ def score_row(family, tasks, probe, trained_through: int, batch_size: int, strat
 
 
 def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = None,
-        run_dir: Path | None = None) -> RunResult:
+        run_dir: Path | None = None, resume: bool = False) -> RunResult:
     """Train `cfg.strategy` over `cfg.tasks` and write the run folder. `row0` may be given by a
-    bench that already scored the (identical) starting point."""
+    bench that already scored the (identical) starting point. With `resume`, continue the
+    interrupted run in the folder exactly (see run_resume.py)."""
     from accelerate import Accelerator
 
     wall_start = time.perf_counter()
     strategy_cls = get_strategy(cfg.strategy.name)
     strategy = strategy_cls(strategy_cls.Options.model_validate(cfg.strategy.options))
     tasks, probe = load_sequence(cfg)  # data errors surface before any folder is made
-    run_dir = create_run_dir(run_dir or Path(cfg.output_dir) / cfg.name, cfg.overwrite, echo)
+    run_dir = run_dir or Path(cfg.output_dir) / cfg.name
+    config_text = _config_yaml(cfg)
+    if resume:
+        check_same_config(run_dir, config_text)
+        progress = read_progress(run_dir, [t.name for t in tasks], probe is not None)
+        if progress.stages_done == len(tasks):
+            raise ConfigError(f"--resume {run_dir}: the run finished all {len(tasks)} tasks; "
+                              "nothing to resume")
+    else:
+        run_dir = create_run_dir(run_dir, cfg.overwrite, echo)
+        progress = None
     log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8")
 
     def log(event: dict) -> None:
@@ -145,29 +171,54 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         family.set_backbone(load_adapter(family.backbone, cfg.resolve_path(cfg.lora.init_adapter)))
         parent = _adapter_identity(cfg.resolve_path(cfg.lora.init_adapter))
 
-    write_text_atomic(run_dir / "config.yaml", _config_yaml(cfg))
-    lineage = run_lineage(cfg, family, tasks, probe, parent, strategy_cls)
-    write_json_atomic(run_dir / "lineage.json", lineage)
+    if progress is None:
+        write_text_atomic(run_dir / "config.yaml", config_text)
+        lineage = run_lineage(cfg, family, tasks, probe, parent, strategy_cls)
+        write_json_atomic(run_dir / "lineage.json", lineage)
+    else:
+        lineage = json.loads((run_dir / "lineage.json").read_text())
     stage_lineage = StageLineage.start(lineage, cfg.name, cfg.resolve_path(cfg.lora.init_adapter)
                                        if cfg.lora.init_adapter else None)
     echo(f"run {cfg.name}: strategy {cfg.strategy.name}, {len(tasks)} tasks, base "
          f"{cfg.model.name_or_path} ({family.fingerprint()[:12]}), folder {run_dir}")
 
     T = len(tasks)
-    if row0 is None:
-        row0 = score_row(family, tasks, probe, 0, cfg.train.eval_batch_size, strategy)
-    rows = [row0]
-    log({"event": "eval", "stage": 0, "scores": row0.scores, "upstream": row0.upstream})
-    echo(_row_line(0, "before training", row0))
+    plan, stats, reports, rows = [], [], [], []
+    if progress is not None and progress.scores:
+        rows = [Row(progress.scores[t], progress.how[t], progress.correct[t],
+                    progress.upstream[t] if progress.upstream[t] is not None else float("nan"),
+                    progress.upstream_correct[t]) for t in range(progress.stages_done + 1)]
+        plan, stats, reports = progress.plan, progress.stats, progress.reports
+        if progress.lineage_parent is not None:
+            stage_lineage.parent = progress.lineage_parent
+            stage_lineage.chain = progress.lineage_chain
+        echo(f"resuming after {progress.stages_done} finished task(s) of {T}")
+    else:
+        if row0 is None:
+            row0 = score_row(family, tasks, probe, 0, cfg.train.eval_batch_size, strategy)
+        rows = [row0]
+        log({"event": "eval", "stage": 0, "scores": row0.scores, "upstream": row0.upstream})
+        echo(_row_line(0, "before training", row0))
+    done = progress.stages_done if progress is not None else 0
+    global_step = sum(s["steps"] for s in stats)
+    max_trainable = max([p["trainable_parameters"] for p in plan], default=0)
 
-    plan, stats, global_step, max_trainable = [], [], 0, 0
-    reports: list[dict | None] = []  # strategy_report per stage 1..T
     for task in tasks:
         ctx = TaskContext(task, tasks, family, cfg, lora_config, seed=cfg.seed * 1000 + task.index)
         strategy.before_task(ctx)
         trainable_heads, reinit_heads = strategy.heads(ctx)
         family.begin_task(task, tasks, trainable_heads, reinit_heads)
         sources = strategy.sources(ctx)
+        ckpt_dir = task_checkpoints(run_dir, task.index, task.name)
+        if task.index <= done:  # finished before the interruption: rebuild its state
+            end = finished_task_state(run_dir, task.index, task.name, plan[task.index - 1]["steps"],
+                                      echo)
+            load_trainable_state(family.module, end.params)
+            set_rng_state(end.rng)
+            strategy.after_task(ctx)
+            echo(f"task {task.index}/{T} {task.name}: finished before; state rebuilt from "
+                 f"{end.folder.name}")
+            continue
         mix, warnings = describe_mix(sources)
         stream = build_stream(sources, cfg.train.batch_size, cfg.train.epochs,
                               cfg.train.max_steps, seed=ctx.seed)
@@ -181,8 +232,13 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
              f"{format_mix(mix)}")
         for warning in warnings:
             echo(f"  warning: {warning}")
+        resume_state = latest_checkpoint(ckpt_dir, echo) if progress is not None else None
+        if resume_state is not None:
+            echo(f"  resuming task {task.name} at step {resume_state.steps_done} of "
+                 f"{stream.steps} from {resume_state.folder.name}")
+        hook = CheckpointHook(cfg.train.checkpoint_every, ckpt_dir, cfg.train.keep_checkpoints)
         result = train_task(family, strategy, task, tasks, stream, lr, cfg.train, accelerator,
-                            log, global_step)
+                            log, global_step, hook, resume_state)
         global_step += result.steps
         stats.append({"task": task.name, **result.__dict__})
         strategy.after_task(ctx)
@@ -201,7 +257,9 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
                             [t.name for t in tasks], row.scores, row.upstream)
         _save_stage(ctx, strategy, stage_dir, stage_lineage, facts)
         write_json_atomic(run_dir / "plan.json", plan)
-        _write_results(run_dir, tasks, rows, stats, reports)
+        _write_predictions(run_dir, tasks, rows)
+        _write_results(run_dir, tasks, rows, stats, reports)  # last: it marks the stage done
+        prune(ckpt_dir, 1)  # the task's end weights, to rebuild its state on a resume
 
     R = np.array([r.scores for r in rows])
     U = np.array([r.upstream for r in rows])
@@ -215,10 +273,12 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     summary.update({"strategy": cfg.strategy.name, "rank": cfg.lora.r if strategy.uses_lora
                     else None, "trainable_parameters": max_trainable, "wall_seconds": wall,
                     "tasks": [t.name for t in tasks]})
+    if progress is not None:
+        summary["resumed_after_stage"] = progress.stages_done
     if reports and reports[-1] is not None:
         summary["strategy_report"] = reports[-1]  # the final model's numbers
     write_json_atomic(run_dir / "metrics.json", summary)
-    _write_predictions(run_dir, tasks, rows)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run is complete
     log({"event": "done", "metrics": {k: v for k, v in summary.items() if k != "flips"}})
     log_file.close()
     return RunResult(run_dir, R, U, summary, max_trainable, wall, cfg.strategy.name,
@@ -285,7 +345,15 @@ def _write_predictions(run_dir: Path, tasks, rows: list[Row]) -> None:
 
 
 def _config_yaml(cfg: RunConfig) -> str:
+    """The resolved config, with the data and adapter paths made absolute so that the folder's
+    config.yaml reads the same files from anywhere (`eval`, `--resume`)."""
     data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    for task in data["tasks"]:
+        for key in ("train", "eval"):
+            if task.get(key):
+                task[key] = str(cfg.resolve_path(task[key]).resolve())
+    if data["lora"].get("init_adapter"):
+        data["lora"]["init_adapter"] = str(cfg.resolve_path(data["lora"]["init_adapter"]).resolve())
     return yaml.safe_dump(data, sort_keys=False)
 
 

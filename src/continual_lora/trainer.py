@@ -100,8 +100,9 @@ def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: l
     start_step, first_loss = 0, math.nan
     if resume is not None:
         load_trainable_state(module, resume.params)
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
+        if resume.optimizer:  # empty in a finished task's stripped last checkpoint
+            optimizer.load_state_dict(resume.optimizer)
+            scheduler.load_state_dict(resume.scheduler)
         set_rng_state(resume.rng)
         start_step, first_loss = resume.steps_done, resume.first_loss
     by_index = {t.index: t for t in tasks}
