@@ -99,6 +99,7 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     if saved.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"lora.init_adapter: {path} is a {saved.get('peft_type')} adapter, "
                           "not LoRA")
+    check_weights_file(path)
     try:
         model = PeftModel.from_pretrained(backbone, str(path), is_trainable=True)
     except (RuntimeError, ValueError) as exc:
@@ -109,6 +110,32 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     if n_trainable == 0:
         raise ConfigError(f"lora.init_adapter: {path} loaded with 0 trainable parameters")
     return model
+
+
+def check_weights_file(path: Path) -> None:
+    """The adapter's weights must be a complete safetensors file. A `.bin` alone is read by PEFT
+    with `torch.load(weights_only=True)` (tensors only, no code), with a warning."""
+    import warnings
+
+    from safetensors import safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            warnings.warn(f"{path}: adapter_model.bin (a pickle) is loaded with "
+                          "torch.load(weights_only=True); prefer safetensors", stacklevel=3)
+            return
+        raise ConfigError(f"{path}: no adapter_model.safetensors (nor .bin) beside "
+                          "adapter_config.json")
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_slice(key)  # every tensor's range must lie inside the file
+    except Exception as exc:  # safetensors raises its own error type for each kind of damage
+        raise ConfigError(
+            f"{weights}: not a complete safetensors file ({exc}): truncated or corrupted, by an "
+            "interrupted copy or save? Copy it again, or use an earlier adapter or the run's "
+            "last good checkpoint (`continual-lora run --resume`)") from None
 
 
 def check_complete_load(model: PeftModel, path: Path, adapter: str = "default") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from importlib.resources import files
@@ -241,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device while writing {exc.filename or 'a file'}. "
+              "Every file is written whole or not at all, so what was written before is intact "
+              "and nothing half-written was left. Free some space, then continue an "
+              "interrupted run with `continual-lora run --resume RUN_DIR` (or an update with "
+              "`continual-lora update --resume OUT`).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -192,6 +192,10 @@ class RunConfig(Strict):
     """The upstream probe: what the base could do before training."""
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     """How each new task is learned."""
+    data_dir: str | None = None
+    """Folder that must hold every task file; when set, a path that leads out of it (through
+    `..`, an absolute path or a symbolic link) is an error. Use it for configs you did not
+    write."""
     output_dir: str = "runs"
     """Folder under which run folders are created."""
     overwrite: bool = False

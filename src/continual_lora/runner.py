@@ -66,8 +66,8 @@ from continual_lora.run_resume import (
     task_checkpoints,
 )
 from continual_lora.sequence import build_stream, describe_mix, format_mix, load_sequence
-from continual_lora.strategies.base import TaskContext
-from continual_lora.trainer import train_task
+from continual_lora.strategies.base import AdapterError, TaskContext
+from continual_lora.trainer import TrainingError, train_task
 
 
 @dataclass
@@ -147,15 +147,12 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
             raise ConfigError(f"--resume {run_dir}: the run finished all {len(tasks)} tasks; "
                               "nothing to resume")
     else:
-        run_dir = create_run_dir(run_dir, cfg.overwrite, echo)
         progress = None
-    log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8")
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+            create_run_dir(run_dir, False, echo)  # raises, naming the folder
 
-    def log(event: dict) -> None:
-        event = {"time": round(time.time(), 3), **event}
-        log_file.write(json.dumps(event) + "\n")
-        log_file.flush()
-
+    # The model and the user's adapter are loaded before the run folder is made: a base or an
+    # adapter that does not load leaves nothing behind.
     seed_everything(cfg.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     family = ClassifierFamily(cfg.model, cfg.seed)
@@ -170,6 +167,29 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     if cfg.lora.init_adapter:  # row 0 is the base plus the adapter the user brought
         family.set_backbone(load_adapter(family.backbone, cfg.resolve_path(cfg.lora.init_adapter)))
         parent = _adapter_identity(cfg.resolve_path(cfg.lora.init_adapter))
+    if progress is None:
+        run_dir = create_run_dir(run_dir, cfg.overwrite, echo)
+    try:
+        return _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks,
+                          probe, family, accelerator, lora_config, parent, config_text,
+                          wall_start)
+    except (ConfigError, TrainingError, AdapterError):
+        # A failure before any task finished leaves nothing worth keeping (a rerun repeats
+        # it): remove the folder this call made, so bad input leaves no trace.
+        if progress is None and not (run_dir / "results.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks, probe, family,
+               accelerator, lora_config, parent, config_text, wall_start) -> RunResult:
+    """The body of `run` once the model is loaded and the run folder exists."""
+    log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8")
+
+    def log(event: dict) -> None:
+        event = {"time": round(time.time(), 3), **event}
+        log_file.write(json.dumps(event) + "\n")
+        log_file.flush()
 
     if progress is None:
         write_text_atomic(run_dir / "config.yaml", config_text)

