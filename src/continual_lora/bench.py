@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,10 +73,17 @@ def row_config(cfg: BenchConfig, strategy: StrategyConfig, rank: int | None) -> 
 
 def run_bench(cfg: BenchConfig,
               echo: Callable[[str], None] = print) -> tuple[Path, list[RunResult]]:
-    bench_dir = create_run_dir(Path(cfg.run.output_dir) / cfg.name, cfg.run.overwrite, echo)
-    write_text_atomic(bench_dir / "bench.yaml",
-                      yaml.safe_dump(cfg.model_dump(mode="json", exclude={"run": {"base_dir"}}),
-                                     sort_keys=False))
+    # Under `torchrun`/`accelerate launch` every process runs the bench; the main one writes.
+    main = os.environ.get("RANK", "0") == "0"
+    bench_dir = Path(cfg.run.output_dir) / cfg.name
+    if main:
+        bench_dir = create_run_dir(bench_dir, cfg.run.overwrite, echo)
+        write_text_atomic(bench_dir / "bench.yaml",
+                          yaml.safe_dump(cfg.model_dump(mode="json",
+                                                        exclude={"run": {"base_dir"}}),
+                                         sort_keys=False))
+    else:
+        echo = lambda _: None  # noqa: E731
     results: list[RunResult] = []
     row0 = None  # the starting point is the same for every row: score it once
     for strategy, rank in plan_rows(cfg):
@@ -85,7 +93,8 @@ def run_bench(cfg: BenchConfig,
         result = run(run_cfg, echo=echo, row0=row0, run_dir=bench_dir / "runs" / label)
         row0 = result.rows[0]
         results.append(result)
-        write_comparison(bench_dir, results)
+        if main:
+            write_comparison(bench_dir, results)
     return bench_dir, results
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -19,6 +20,11 @@ from continual_lora.update.budget import BudgetError
 
 USER_ERRORS = (ConfigError, RunDirExists, TrainingError, AdapterError, BudgetError,
                CheckpointError)
+
+
+def _main_process() -> bool:
+    """False in the non-main processes of `torchrun`/`accelerate launch` (they do not report)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _demo_config_path() -> Path:
@@ -42,6 +48,8 @@ def _bench(cfg) -> int:
     from continual_lora.bench import comparison_rows, format_table, run_bench
 
     bench_dir, results = run_bench(cfg)
+    if not _main_process():
+        return 0
     print("\n" + format_table(comparison_rows(results)))
     print(f"\nbench folder: {bench_dir}  (comparison.md, comparison.csv, runs/)")
     return 0
@@ -70,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "`continual-lora bench`")
         cfg = load_run_config(args.config, args.overrides)
         result = run(cfg)
+    if not _main_process():
+        return 0
     m = result.metrics
     print(f"\nACC {m['acc']:.3f}  forgetting {m['forgetting']:.3f}  BWT {m['bwt']:.3f}  "
           f"FWT {m['fwt']:.3f}  upstream retention {m.get('upstream_retention', float('nan')):.3f}")

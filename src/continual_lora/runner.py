@@ -67,7 +67,7 @@ from continual_lora.run_resume import (
 )
 from continual_lora.sequence import build_stream, describe_mix, format_mix, load_sequence
 from continual_lora.strategies.base import AdapterError, TaskContext
-from continual_lora.trainer import TrainingError, train_task
+from continual_lora.trainer import TrainingError, make_accelerator, train_task
 
 
 @dataclass
@@ -132,7 +132,6 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     """Train `cfg.strategy` over `cfg.tasks` and write the run folder. `row0` may be given by a
     bench that already scored the (identical) starting point. With `resume`, continue the
     interrupted run in the folder exactly (see run_resume.py)."""
-    from accelerate import Accelerator
 
     wall_start = time.perf_counter()
     strategy_cls = get_strategy(cfg.strategy.name)
@@ -154,10 +153,20 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     # The model and the user's adapter are loaded before the run folder is made: a base or an
     # adapter that does not load leaves nothing behind.
     seed_everything(cfg.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
+    main = accelerator.is_main_process  # only the main process prints and writes files
+    if accelerator.num_processes > 1 and strategy.not_multiprocess:
+        raise ConfigError(f"strategy {strategy.name} cannot train in {accelerator.num_processes} "
+                          f"processes: {strategy.not_multiprocess}")
+    echo = echo if main else (lambda _: None)
+    if accelerator.num_processes > 1 and cfg.train.batch_size % accelerator.num_processes:
+        echo(f"warning: train.batch_size {cfg.train.batch_size} does not divide evenly over "
+             f"{accelerator.num_processes} processes: the processes' examples are weighted "
+             "unequally in the averaged gradient")
     family = ClassifierFamily(cfg.model, cfg.seed)
     family.load()
     family.to(accelerator.device)
+    family.accelerator = accelerator
     lora_config = None
     if strategy.uses_lora:
         targets = resolve_targets(family.backbone, cfg.lora.target_modules)
@@ -167,7 +176,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     if cfg.lora.init_adapter:  # row 0 is the base plus the adapter the user brought
         family.set_backbone(load_adapter(family.backbone, cfg.resolve_path(cfg.lora.init_adapter)))
         parent = _adapter_identity(cfg.resolve_path(cfg.lora.init_adapter))
-    if progress is None:
+    if progress is None and main:
         run_dir = create_run_dir(run_dir, cfg.overwrite, echo)
     try:
         return _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks,
@@ -176,7 +185,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     except (ConfigError, TrainingError, AdapterError):
         # A failure before any task finished leaves nothing worth keeping (a rerun repeats
         # it): remove the folder this call made, so bad input leaves no trace.
-        if progress is None and not (run_dir / "results.json").exists():
+        if progress is None and main and not (run_dir / "results.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -184,17 +193,20 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
 def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks, probe, family,
                accelerator, lora_config, parent, config_text, wall_start) -> RunResult:
     """The body of `run` once the model is loaded and the run folder exists."""
-    log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8")
+    main = accelerator.is_main_process
+    log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8") if main else None
 
     def log(event: dict) -> None:
-        event = {"time": round(time.time(), 3), **event}
-        log_file.write(json.dumps(event) + "\n")
-        log_file.flush()
+        if log_file is not None:
+            event = {"time": round(time.time(), 3), **event}
+            log_file.write(json.dumps(event) + "\n")
+            log_file.flush()
 
     if progress is None:
-        write_text_atomic(run_dir / "config.yaml", config_text)
         lineage = run_lineage(cfg, family, tasks, probe, parent, strategy_cls)
-        write_json_atomic(run_dir / "lineage.json", lineage)
+        if main:
+            write_text_atomic(run_dir / "config.yaml", config_text)
+            write_json_atomic(run_dir / "lineage.json", lineage)
     else:
         lineage = json.loads((run_dir / "lineage.json").read_text())
     stage_lineage = StageLineage.start(lineage, cfg.name, cfg.resolve_path(cfg.lora.init_adapter)
@@ -256,7 +268,8 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
         if resume_state is not None:
             echo(f"  resuming task {task.name} at step {resume_state.steps_done} of "
                  f"{stream.steps} from {resume_state.folder.name}")
-        hook = CheckpointHook(cfg.train.checkpoint_every, ckpt_dir, cfg.train.keep_checkpoints)
+        hook = CheckpointHook(cfg.train.checkpoint_every, ckpt_dir,
+                              cfg.train.keep_checkpoints) if main else None
         result = train_task(family, strategy, task, tasks, stream, lr, cfg.train, accelerator,
                             log, global_step, hook, resume_state)
         global_step += result.steps
@@ -275,11 +288,13 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
         stage_dir = _stage_dir(run_dir, task.index, task.name)
         facts = stage_facts(task.index, task.name, plan[-1], cfg.train, cfg.seed,
                             [t.name for t in tasks], row.scores, row.upstream)
-        _save_stage(ctx, strategy, stage_dir, stage_lineage, facts)
-        write_json_atomic(run_dir / "plan.json", plan)
-        _write_predictions(run_dir, tasks, rows)
-        _write_results(run_dir, tasks, rows, stats, reports)  # last: it marks the stage done
-        prune(ckpt_dir, 1)  # the task's end weights, to rebuild its state on a resume
+        if main:
+            _save_stage(ctx, strategy, stage_dir, stage_lineage, facts)
+            write_json_atomic(run_dir / "plan.json", plan)
+            _write_predictions(run_dir, tasks, rows)
+            _write_results(run_dir, tasks, rows, stats, reports)  # last: marks the stage done
+            prune(ckpt_dir, 1)  # the task's end weights, to rebuild its state on a resume
+        accelerator.wait_for_everyone()
 
     R = np.array([r.scores for r in rows])
     U = np.array([r.upstream for r in rows])
@@ -292,15 +307,16 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
     wall = time.perf_counter() - wall_start
     summary.update({"strategy": cfg.strategy.name, "rank": cfg.lora.r if strategy.uses_lora
                     else None, "trainable_parameters": max_trainable, "wall_seconds": wall,
-                    "tasks": [t.name for t in tasks]})
+                    "tasks": [t.name for t in tasks], "processes": accelerator.num_processes})
     if progress is not None:
         summary["resumed_after_stage"] = progress.stages_done
     if reports and reports[-1] is not None:
         summary["strategy_report"] = reports[-1]  # the final model's numbers
-    write_json_atomic(run_dir / "metrics.json", summary)
-    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run is complete
-    log({"event": "done", "metrics": {k: v for k, v in summary.items() if k != "flips"}})
-    log_file.close()
+    if main:
+        write_json_atomic(run_dir / "metrics.json", summary)
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run is complete
+        log({"event": "done", "metrics": {k: v for k, v in summary.items() if k != "flips"}})
+        log_file.close()
     return RunResult(run_dir, R, U, summary, max_trainable, wall, cfg.strategy.name,
                      summary["rank"], rows, family)
 

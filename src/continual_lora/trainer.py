@@ -61,6 +61,17 @@ class StepHook(Protocol):
     def __call__(self, state: LoopState) -> bool: ...
 
 
+def make_accelerator() -> Accelerator:
+    """One process on CPU or GPU, or one of several under `accelerate launch` / `torchrun`
+    (DDP; gloo on CPU). Unused parameters are allowed: a batch of a joint or replay stream
+    may hold no example of some task, whose head then gets no gradient in that step."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(
+                           find_unused_parameters=True)])
+
+
 def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -114,7 +125,12 @@ def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: l
                          start_step)
     last_loss, stopped_at = math.nan, None
     start = time.perf_counter()
+    world, rank = accelerator.num_processes, accelerator.process_index
     for step, examples in stream.batches(start_step):
+        # Several processes: each takes every world-th example of the global batch, and DDP
+        # averages their gradients, which is the gradient of the global batch's mean loss
+        # when the batch divides evenly (the runner warns when it does not).
+        examples = examples[rank::world] if world > 1 else examples
         batch = family.collate(examples, by_index)
         outputs = family.forward(batch, model)
         loss = outputs.loss

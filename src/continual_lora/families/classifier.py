@@ -127,6 +127,7 @@ class ClassifierFamily(ModelFamily):
         self._token_cache: dict[tuple[int, str], list[list[int]]] = {}
         self._tasks: dict[int, TaskData] = {}
         self.device = torch.device("cpu")
+        self.accelerator = None  # set by the runner: evaluation is then sharded and gathered
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -209,16 +210,37 @@ class ClassifierFamily(ModelFamily):
 
     @torch.no_grad()
     def _encode(self, ids: list[list[int]], batch_size: int) -> torch.Tensor:
-        """Features of many texts, no grad, in length-sorted batches (little padding)."""
+        """Features of many texts, no grad, in length-sorted batches (little padding). With
+        several processes (`self.accelerator`), each encodes every world-th text of the
+        length order and the features are gathered, so every process returns all of them:
+        every process must call this together (all callers are on the common path)."""
         was_training = self.module.training
         self.module.eval()
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = torch.empty((len(ids), self.hidden_size))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            input_ids, mask = self._pad([ids[i] for i in chunk])
-            out[chunk] = self.module.features(input_ids, mask).float().cpu()
+        world = self.accelerator.num_processes if self.accelerator is not None else 1
+        mine = order[self.accelerator.process_index::world] if world > 1 else order
+        local = torch.empty((len(mine), self.hidden_size))
+        for start in range(0, len(mine), batch_size):
+            input_ids, mask = self._pad([ids[i] for i in mine[start:start + batch_size]])
+            features = self.module.features(input_ids, mask)
+            local[start:start + len(input_ids)] = features.float().cpu()
         self.module.train(was_training)
+        if world == 1:
+            out = torch.empty((len(ids), self.hidden_size))
+            out[order] = local
+            return out
+        return self._gather(local, order, world)
+
+    def _gather(self, local: torch.Tensor, order: list[int], world: int) -> torch.Tensor:
+        """Every process's features, back in the texts' order (shards padded to one size)."""
+        rows = -(-len(order) // world)
+        padded = torch.zeros((rows, self.hidden_size))
+        padded[:len(local)] = local
+        gathered = self.accelerator.gather(padded.to(self.device)).cpu()
+        out = torch.empty((len(order), self.hidden_size))
+        for rank in range(world):
+            shard = order[rank::world]
+            out[shard] = gathered[rank * rows: rank * rows + len(shard)]
         return out
 
     def encode_split(self, task: TaskData, split: str, batch_size: int) -> torch.Tensor:

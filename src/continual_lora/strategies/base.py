@@ -104,6 +104,8 @@ class Strategy:
     summary: ClassVar[str] = ""
     #: Why `continual-lora update` cannot use this strategy, or "" when it can.
     not_for_update: ClassVar[str] = ""
+    #: Why this strategy cannot train in several processes (DDP), or "" when it can.
+    not_multiprocess: ClassVar[str] = ""
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()

@@ -231,6 +231,9 @@ class MoeStrategy(Strategy):
     name = "moe"
     Options = MoeOptions
     summary = "one adapter per task, mixed at inference by a router (oracle/prototype/learned)"
+    not_multiprocess = ("its router records each held-out example's route while it is scored, "
+                        "and with several processes each scores only its share; run moe in one "
+                        "process")
     not_for_update = ("its output is a set of adapters and a router, not one adapter; train the "
                       "sequence with `continual-lora run` instead")
 

@@ -56,7 +56,7 @@ from continual_lora.sequence import (
     wordnet_upstream,
 )
 from continual_lora.strategies.base import Strategy, TaskContext
-from continual_lora.trainer import TrainStats, train_task
+from continual_lora.trainer import TrainStats, make_accelerator, train_task
 from continual_lora.update import recipe
 from continual_lora.update.budget import BudgetHook
 from continual_lora.update.config import UpdateConfig
@@ -207,6 +207,9 @@ def _load_adapter(family: ClassifierFamily, old: OldAdapter, base: str) -> None:
 def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
     """Load and check everything, decide every default, build the plan. Writes nothing."""
     seed_everything(cfg.seed)  # the base's dropout draws from the global RNG while training
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("update runs in one process; `continual-lora run` trains in several "
+                          "(torchrun / accelerate launch)")
     old = read_old_adapter(cfg.resolve_path(cfg.adapter))
     tasks, probe_tasks = load_tasks(cfg, old.head_tasks)
     new = tasks[-1]
@@ -231,9 +234,7 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
     family = ClassifierFamily(model_cfg, cfg.seed)
     family.load()
     base_line = _check_base(family, old, cfg, base)
-    from accelerate import Accelerator
-
-    family.to(Accelerator(cpu=not torch.cuda.is_available()).device)
+    family.to(make_accelerator().device)
     _load_adapter(family, old, base)
     _load_old_heads(family, old, tasks)
 
@@ -480,9 +481,7 @@ def run_update(prep: Prepared, resume: bool = False,
         log_file.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
         log_file.flush()
 
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator()
     tasks, new = prep.tasks, ctx.task
     old_tasks = tasks[:-1]
     bs = prep.run_cfg.train.eval_batch_size
