@@ -263,6 +263,8 @@ def test_bad_input_is_refused_clearly_and_loses_nothing(case, shared, tiny_bert,
         case.patch(monkeypatch)
     assert main(argv) == 2
     err = capsys.readouterr().err
+    shown = " ".join(err[err.find("error:"):].split())  # the message, without progress bars
+    print(f"\n[{case.name}] {shown}")  # `pytest -s` lists each case with what the user reads
     for expected in case.expect:
         assert expected in err, (case.name, err)
     assert "Traceback" not in err

@@ -103,8 +103,12 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     try:
         model = PeftModel.from_pretrained(backbone, str(path), is_trainable=True)
     except (RuntimeError, ValueError) as exc:
+        trained_on = saved.get("base_model_name_or_path") or "an unnamed base"
+        this_base = getattr(getattr(backbone, "config", None), "_name_or_path", "") or "?"
+        first = " ".join(str(exc).split())[:400]
         raise ConfigError(
-            f"lora.init_adapter: {path} does not fit this base model: {exc}") from None
+            f"lora.init_adapter: {path} (trained on {trained_on}) does not fit this base model "
+            f"({this_base}): {first}. Load it on the base it was trained on.") from None
     check_complete_load(model, path)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
