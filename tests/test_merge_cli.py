@@ -159,3 +159,46 @@ def test_user_errors_exit_2_naming_the_problem(two_adapters, tiny_bert, tmp_path
         assert main(["merge", *args, "--out", str(out)]) == 2, args
         assert message in capsys.readouterr().err, args
         assert not out.exists()
+
+
+def test_a_merged_adapter_carries_the_lineage_of_its_inputs(tiny_run_config, tmp_path, capsys):
+    """Two runs' adapters merged: lineage.json names both parents by hash, holds both chains,
+    matches the written weights, and `inspect` shows it; inputs of different bases are
+    refused."""
+    from continual_lora.config import load_run_config
+    from continual_lora.lineage import verify
+    from continual_lora.runner import run
+
+    stages = []
+    for seed, name in enumerate(("one", "two")):  # two seeds: two different adapters
+        cfg = tiny_run_config("naive", name=name, seed=seed)
+        run_dir = run(load_run_config(None, data=cfg), echo=lambda _: None).run_dir
+        stages.append(run_dir / "tasks" / "02-b" / "adapter")
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, stages), "--method", "ties", "--out", str(out)]) == 0
+    record = json.loads((out / "lineage.json").read_text())
+    parents = [json.loads((s / "lineage.json").read_text()) for s in stages]
+    assert [p["sha256"] for p in record["parents"]] == [p["adapter"]["sha256"] for p in parents]
+    assert all(p["lineage_matches"] for p in record["parents"])
+    # Each input's two stages, each once: a then b of run one, a then b of run two.
+    assert [(c["run"]["name"], c["run"]["task"]) for c in record["chain"]] == [
+        ("one", "a"), ("one", "b"), ("two", "a"), ("two", "b")]
+    assert record["strategy"]["name"] == "merge:ties" and record["run"]["task"] == "merge"
+    assert record["base_model"] == parents[0]["base_model"]
+    assert verify(out, record)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "matches lineage.json" in shown and "5 stage(s)" in shown
+    assert f"merge:ties of adapters {record['parents'][0]['sha256'][:8]}" in shown
+    # An input whose lineage names another base is refused, and nothing is written.
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(stages[1], other)
+    lineage = json.loads((other / "lineage.json").read_text())
+    lineage["base_model"]["fingerprint_sha256"] = "0" * 64
+    (other / "lineage.json").write_text(json.dumps(lineage))
+    assert main(["merge", str(stages[0]), str(other), "--out", str(tmp_path / "bad")]) == 2
+    assert "different base models" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from continual_lora.adapters import LoraFactors, concatenate_factors
 from continual_lora.config import ConfigError
+from continual_lora.lineage import LineageError, merge_record
 from continual_lora.merging import DENSE_METHODS, merge_dense, truncated_svd_factors
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -320,4 +321,15 @@ def merge_adapter_folders(req: MergeRequest) -> dict:
         info["rank"] = write_adapter(factors, tmp, adapters[0].base_model,
                                      first.get("task_type"), bool(first.get("fan_in_fan_out")))
         (tmp / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        written = json.loads((tmp / CONFIG_FILE).read_text())
+        options = {k: info[k] for k in ("weights", "density", "drop_rate", "seed")}
+        lora = {"r": info["rank"], "alpha": written.get("lora_alpha"), "alpha_rule": None,
+                "target_modules": written.get("target_modules")}
+        export = {"kind": "peft_lora_merge", "method": req.method, "rank": info["rank"],
+                  "relative_error": info["relative_error"]}
+        try:
+            merge_record(list(req.adapters), tmp, req.method, options, lora, export,
+                         adapters[0].base_model)
+        except LineageError as exc:
+            raise AdapterFileError(f"merge: {exc}") from None
     return info

@@ -154,10 +154,12 @@ def _stage_summary(record: dict) -> dict:
             short.append(f"{Path(d['train']['path']).name}@{d['train']['sha256'][:8]}")
         else:
             short.append(f"{d.get('source')}:{task}@{str(d.get('train_sha256'))[:8]}")
-    m = record.get("metrics", {})
+    m = record.get("metrics") or {}
+    train = record.get("train") or {}
     return {"run": record["run"]["name"], "stage": record["run"]["stage"], "task": task,
             "strategy": record["strategy"]["name"], "data": short,
-            "lr": record["train"]["lr"], "steps": record["train"]["steps"],
+            "parents": [p["sha256"][:8] for p in record.get("parents") or []],
+            "lr": train.get("lr"), "steps": train.get("steps"),
             "acc_so_far": m.get("acc_so_far"), "R_row": m.get("R_row"),
             "upstream": m.get("upstream"), "sha256": record["adapter"]["sha256"],
             "created": record.get("created")}
@@ -204,7 +206,7 @@ def format_report(info: dict) -> str:
     """The human-readable report (the JSON form is `inspect_adapter`'s dict as is)."""
     lin = info["lineage"]
     base = info["base_model"] or (lin or {}).get("base_model") or "unknown"
-    if lin:
+    if lin and lin["base_fingerprint"]:
         base += f" (fingerprint {lin['base_fingerprint'][:16]}…, from lineage.json)"
     lines = [f"adapter     {info['path']}", f"format      {info['format_text']}",
              f"base        {base}"]
@@ -228,6 +230,10 @@ def format_report(info: dict) -> str:
                      "writing")
     lines.append(f"lineage     {len(lin['chain'])} stage(s), oldest first:")
     for i, s in enumerate(lin["chain"], start=1):
+        if s["task"] == "merge":  # written by `continual-lora merge`: no training of its own
+            lines.append(f"  {i}. {s['run']}: {s['strategy']} of adapters "
+                         f"{', '.join(s['parents'])}, adapter {s['sha256'][:8]}")
+            continue
         acc = "-" if s["acc_so_far"] is None else f"{s['acc_so_far']:.3f}"
         row = " ".join("-" if v is None else f"{v:.3f}" for v in s["R_row"] or [])
         up = "" if s["upstream"] is None else f", upstream {s['upstream']:.3f}"

@@ -16,6 +16,11 @@ Schema `continual-lora/lineage/1`, one JSON object:
     export        what `strategy.export_adapter` returned (stage.json's `export`)
     chain         the ancestors' records, oldest first, each without its own `chain`
 
+An adapter written by `continual-lora merge` has `run.task` "merge", `parent` null and
+`parents` (each input's {"path", "sha256", "files", "lineage_matches"}), `train` and `metrics`
+null, `strategy.name` "merge:<method>", and a chain that holds every input's chain and record
+(each ancestor once, in input order).
+
 The chain travels with the folder: a run started from an adapter that has a `lineage.json`
 copies that record and its chain in, so `continual-lora inspect` shows every earlier stage.
 """
@@ -152,3 +157,46 @@ class StageLineage:
         self.parent = {"path": str(final_path), **record["adapter"]}
         self.chain = child_chain(record)
         return record
+
+
+def merge_record(inputs: list[Path], folder: Path, method: str, options: dict, lora: dict,
+                 export: dict, base_model: str | None) -> dict:
+    """The lineage record of a merged adapter written into `folder` from the adapter folders
+    `inputs`. Inputs with lineage must agree on the base's fingerprint (adapters of different
+    bases do not merge); inputs without lineage contribute a parent entry only."""
+    from continual_lora import __version__
+
+    records = [read_lineage(p) for p in inputs]
+    bases = {r["base_model"]["fingerprint_sha256"] for r in records if r is not None}
+    if len(bases) > 1:
+        raise LineageError(
+            "the adapters were trained on different base models (fingerprints "
+            f"{', '.join(sorted(b[:12] for b in bases))} in their lineage.json): merging them "
+            "would add updates made for other weights; merge adapters of one base")
+    first = next((r for r in records if r is not None), None)
+    base = first["base_model"] if first else {"name_or_path": base_model, "resolved_path": None,
+                                               "fingerprint_sha256": None, "family": None}
+    parents, chain, seen, data = [], [], set(), []
+    for path, record in zip(inputs, records, strict=True):
+        identity = weights_identity(path)
+        parents.append({"path": str(path), **identity,
+                        "lineage_matches": None if record is None else verify(path, record)})
+        for ancestor in child_chain(record) if record is not None else []:
+            key = ancestor["adapter"]["sha256"]
+            if key not in seen:
+                seen.add(key)
+                chain.append(ancestor)
+        for entry in (record or {}).get("data", []):
+            if entry not in data:
+                data.append(entry)
+    record = {
+        "schema": SCHEMA, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "continual_lora": __version__,
+        "run": {"name": Path(folder).name, "stage": None, "task": "merge"},
+        "base_model": base, "adapter": weights_identity(folder), "parent": None,
+        "parents": parents, "data": data,
+        "strategy": {"name": f"merge:{method}", "options": options}, "lora": lora,
+        "train": None, "metrics": None, "export": export, "chain": chain,
+    }
+    (Path(folder) / FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
