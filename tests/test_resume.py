@@ -146,3 +146,44 @@ def test_resume_refuses_another_config_and_a_finished_run(tiny_run_config, tmp_p
     capsys.readouterr()
     assert main(["run", "--resume", str(killed)]) == 2
     assert "finished all 2 tasks" in capsys.readouterr().err
+
+
+def test_an_interrupted_bench_resumes_row_by_row(tiny_run_config, tmp_path, capsys):
+    """A bench killed inside its second row: `bench --resume` keeps the finished row, resumes
+    the interrupted one from its checkpoints, and ends with the uninterrupted bench's table."""
+    import csv
+
+    from continual_lora.bench import run_bench
+    from continual_lora.config import load_bench_config
+
+    def bench(name: str) -> Path:
+        run_cfg = tiny_run_config("naive")
+        run_cfg["train"].update({"max_steps": STEPS, "epochs": 100, "checkpoint_every": 10})
+        run_cfg["output_dir"] = str(tmp_path / "benches")
+        data = {"name": name, "strategies": [{"name": "naive"}, {"name": "replay"}],
+                "include_joint": False, "run": run_cfg}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    whole_dir, _ = run_bench(load_bench_config(bench("whole")), echo=lambda _: None)
+    killed = tmp_path / "benches" / "killed"
+    proc = _child(["-m", "continual_lora.cli", "bench", str(bench("killed"))])
+    _kill_when(proc, lambda: any(s >= 40 for s in _steps(
+        killed / "runs" / "replay-r2" / "checkpoints" / "01-a")), "the replay row's task 1")
+    assert (killed / "runs" / "naive-r2" / "metrics.json").is_file()
+    assert not (killed / "runs" / "replay-r2" / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["bench", "--resume", str(killed)]) == 0
+    printed = capsys.readouterr().out
+    assert "naive-r2 (finished before)" in printed and "resuming task a at step" in printed
+
+    def table(folder: Path) -> list[dict]:
+        with (folder / "comparison.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        return [{k: v for k, v in r.items() if k not in ("wall_seconds", "run_dir")}
+                for r in rows]
+
+    assert table(killed) == table(whole_dir)
+    row = Path("runs") / "replay-r2"
+    _assert_same(_outcome(whole_dir / row), _outcome(killed / row))

@@ -20,9 +20,10 @@ from pathlib import Path
 import yaml
 
 from continual_lora.checkpoint import create_run_dir, write_text_atomic
-from continual_lora.config import BenchConfig, RunConfig, StrategyConfig
+from continual_lora.config import BenchConfig, ConfigError, RunConfig, StrategyConfig
 from continual_lora.registry import get_strategy
-from continual_lora.runner import RunResult, run
+from continual_lora.run_resume import config_diff
+from continual_lora.runner import RunResult, finished_result, run
 
 COLUMNS = [
     ("strategy", "strategy"), ("rank", "rank"), ("acc", "ACC ↑"), ("forgetting", "Forgetting ↓"),
@@ -71,27 +72,61 @@ def row_config(cfg: BenchConfig, strategy: StrategyConfig, rank: int | None) -> 
     return run_cfg
 
 
-def run_bench(cfg: BenchConfig,
-              echo: Callable[[str], None] = print) -> tuple[Path, list[RunResult]]:
+def bench_yaml(cfg: BenchConfig) -> str:
+    """The bench's settings as saved in its folder, with absolute data paths."""
+    data = cfg.model_dump(mode="json", exclude={"run": {"base_dir"}})
+    data["run"] = cfg.run.portable_dump()
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _check_same_bench(bench_dir: Path, cfg: BenchConfig) -> None:
+    stored_file = bench_dir / "bench.yaml"
+    if not stored_file.is_file():
+        raise ConfigError(f"--resume {bench_dir}: no bench.yaml there, so no bench was started "
+                          "in it")
+    stored, now = yaml.safe_load(stored_file.read_text()), yaml.safe_load(bench_yaml(cfg))
+    for data in (stored, now):
+        data["run"].pop("overwrite", None)
+    changed = config_diff(stored, now)
+    if changed:
+        raise ConfigError(f"--resume {bench_dir}: the bench was started with another "
+                          f"configuration (changed: {', '.join(changed[:8])}); --resume "
+                          "continues it exactly: give no config and no overrides")
+
+
+def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print,
+              bench_dir: Path | None = None, resume: bool = False
+              ) -> tuple[Path, list[RunResult]]:
+    """Every row of the bench, then the comparison table. With `resume`, finished rows are read
+    back from their folders, an interrupted row continues from its checkpoints
+    (`run --resume`), and the rest run as usual."""
     # Under `torchrun`/`accelerate launch` every process runs the bench; the main one writes.
     main = os.environ.get("RANK", "0") == "0"
-    bench_dir = Path(cfg.run.output_dir) / cfg.name
-    if main:
+    bench_dir = bench_dir or Path(cfg.run.output_dir) / cfg.name
+    if resume:
+        _check_same_bench(bench_dir, cfg)
+    elif main:
         bench_dir = create_run_dir(bench_dir, cfg.run.overwrite, echo)
-        write_text_atomic(bench_dir / "bench.yaml",
-                          yaml.safe_dump(cfg.model_dump(mode="json",
-                                                        exclude={"run": {"base_dir"}}),
-                                         sort_keys=False))
-    else:
+        write_text_atomic(bench_dir / "bench.yaml", bench_yaml(cfg))
+    if not main:
         echo = lambda _: None  # noqa: E731
     results: list[RunResult] = []
     row0 = None  # the starting point is the same for every row: score it once
     for strategy, rank in plan_rows(cfg):
         run_cfg = row_config(cfg, strategy, rank)
         label = run_cfg.name
+        run_dir = bench_dir / "runs" / label
+        if resume and (run_dir / "metrics.json").is_file():
+            echo(f"\n=== bench {cfg.name}: {label} (finished before) ===")
+            results.append(finished_result(run_dir))
+            continue
         echo(f"\n=== bench {cfg.name}: {label} ===")
-        result = run(run_cfg, echo=echo, row0=row0, run_dir=bench_dir / "runs" / label)
-        row0 = result.rows[0]
+        if resume and (run_dir / "config.yaml").is_file():
+            result = run(run_cfg, echo=echo, run_dir=run_dir, resume=True)
+        else:  # a row never started, or killed before it wrote anything worth keeping
+            run_cfg.overwrite = run_cfg.overwrite or resume
+            result = run(run_cfg, echo=echo, row0=row0, run_dir=run_dir)
+            row0 = result.rows[0]
         results.append(result)
         if main:
             write_comparison(bench_dir, results)

@@ -44,10 +44,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _bench(cfg)
 
 
-def _bench(cfg) -> int:
+def _bench(cfg, resume_dir: Path | None = None) -> int:
     from continual_lora.bench import comparison_rows, format_table, run_bench
 
-    bench_dir, results = run_bench(cfg)
+    bench_dir, results = run_bench(cfg, bench_dir=resume_dir, resume=resume_dir is not None)
     if not _main_process():
         return 0
     print("\n" + format_table(comparison_rows(results)))
@@ -88,6 +88,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.resume:
+        if args.config and "=" in args.config:  # argparse took the first override for CONFIG
+            args.overrides, args.config = [args.config, *args.overrides], None
+        if args.config:
+            raise ConfigError("--resume BENCH_DIR takes the config stored in BENCH_DIR; give no "
+                              "config file")
+        bench_dir = Path(args.resume)
+        stored = bench_dir / "bench.yaml"
+        if not stored.is_file():
+            raise ConfigError(f"--resume {bench_dir}: no bench.yaml there, so no bench was "
+                              "started in it")
+        return _bench(load_bench_config(stored, args.overrides), bench_dir)
+    if not args.config:
+        raise ConfigError("bench needs a CONFIG file (or --resume BENCH_DIR)")
     return _bench(load_bench_config(args.config, args.overrides))
 
 
@@ -202,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="strategies × ranks over a sequence, one table")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--resume", metavar="BENCH_DIR", help="continue an interrupted bench: finished "
+                   "rows are kept, the interrupted one resumes from its checkpoints")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.set_defaults(func=cmd_bench)
 

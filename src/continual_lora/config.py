@@ -212,6 +212,20 @@ class RunConfig(Strict):
             raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)}")
         return tasks
 
+    def portable_dump(self) -> dict[str, Any]:
+        """The config as plain data with its data and adapter paths made absolute, so that a
+        copy saved in a run folder reads the same files from anywhere (`eval`, `--resume`)."""
+        data = self.model_dump(mode="json", exclude={"base_dir"})
+        for task in data["tasks"]:
+            for key in ("train", "eval"):
+                if task.get(key):
+                    task[key] = str(self.resolve_path(task[key]).resolve())
+        for section, key in (("lora", "init_adapter"), (None, "data_dir")):
+            node = data[section] if section else data
+            if node.get(key):
+                node[key] = str(self.resolve_path(node[key]).resolve())
+        return data
+
     def resolve_path(self, path: str) -> Path:
         """A path from the config, resolved against the config file's folder."""
         p = Path(path).expanduser()

@@ -66,7 +66,7 @@ def check_same_config(run_dir: Path, config_text: str) -> None:
     stored.pop("overwrite", None)
     now.pop("overwrite", None)
     if stored != now:
-        changed = sorted(_diff(stored, now))
+        changed = sorted(config_diff(stored, now))
         raise ConfigError(
             f"--resume {run_dir}: the run was started with another configuration (changed: "
             f"{', '.join(changed[:8])}). --resume continues that same run exactly: give no "
@@ -74,11 +74,12 @@ def check_same_config(run_dir: Path, config_text: str) -> None:
             "another name (name=...).")
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
+def config_diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two config mappings differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            out += config_diff(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
     return [] if a == b else [prefix.rstrip(".") or "(top level)"]
 

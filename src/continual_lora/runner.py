@@ -142,7 +142,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     if resume:
         check_same_config(run_dir, config_text)
         progress = read_progress(run_dir, [t.name for t in tasks], probe is not None)
-        if progress.stages_done == len(tasks):
+        if (run_dir / "metrics.json").is_file():
             raise ConfigError(f"--resume {run_dir}: the run finished all {len(tasks)} tasks; "
                               "nothing to resume")
     else:
@@ -381,16 +381,17 @@ def _write_predictions(run_dir: Path, tasks, rows: list[Row]) -> None:
 
 
 def _config_yaml(cfg: RunConfig) -> str:
-    """The resolved config, with the data and adapter paths made absolute so that the folder's
-    config.yaml reads the same files from anywhere (`eval`, `--resume`)."""
-    data = cfg.model_dump(mode="json", exclude={"base_dir"})
-    for task in data["tasks"]:
-        for key in ("train", "eval"):
-            if task.get(key):
-                task[key] = str(cfg.resolve_path(task[key]).resolve())
-    if data["lora"].get("init_adapter"):
-        data["lora"]["init_adapter"] = str(cfg.resolve_path(data["lora"]["init_adapter"]).resolve())
-    return yaml.safe_dump(data, sort_keys=False)
+    """The resolved config, with absolute data and adapter paths (`RunConfig.portable_dump`)."""
+    return yaml.safe_dump(cfg.portable_dump(), sort_keys=False)
+
+
+def finished_result(run_dir: Path) -> RunResult:
+    """The result of a finished run, read back from its folder (a resumed bench's done rows)."""
+    metrics_ = json.loads((run_dir / "metrics.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    return RunResult(run_dir, np.array(results["R"]), np.array(results["U"], dtype=float),
+                     metrics_, metrics_["trainable_parameters"], metrics_["wall_seconds"],
+                     metrics_["strategy"], metrics_["rank"])
 
 
 def _adapter_identity(path: Path) -> dict:
