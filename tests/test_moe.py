@@ -304,3 +304,17 @@ def test_learned_gate_routes_two_separable_tasks_above_chance(tiny_run_config, t
     assert report["routing_accuracy_mean"] >= 0.9  # measured 0.969 (x 0.9375, y 1.0)
     gate = load_file(str(result.run_dir / "tasks/02-y/adapter/router.safetensors"))
     assert gate["gate.weight"].shape == (2, 32)
+
+
+@pytest.mark.parametrize("router", ["prototype", "learned", "oracle"])
+def test_eval_rebuilds_the_mixture_from_the_files(router, tiny_run_config):
+    """`continual-lora eval` on a moe run reloads every task adapter and the router with plain
+    PEFT and safetensors, and scores through the mixture: the recorded row, exactly."""
+    from continual_lora.evaluate import evaluate_run, rows_match
+
+    data = tiny_run_config("moe")
+    data["strategy"]["options"] = {"router": router}
+    result = run(load_run_config(None, data=data), echo=lambda _: None)
+    for stage in (1, 2):
+        row, recorded, _ = evaluate_run(result.run_dir, stage)
+        assert rows_match(row, recorded), (stage, row.scores, recorded)

@@ -45,7 +45,8 @@ def load_heads(family: ClassifierFamily, stage_dir: Path) -> dict:
 
 
 def load_stage(run_dir: Path, stage: int | None = None):
-    """(config, tasks, probe, family, stage index) with the stage's adapter and heads loaded."""
+    """(config, tasks, probe, family, stage index, scorer) with the stage's adapter and heads
+    loaded; `scorer` is None, or for a moe stage the mixture to score through."""
     cfg = load_run_config(run_dir / "config.yaml")
     stages = stage_dirs(run_dir)
     stage = len(stages) if stage is None else stage
@@ -55,7 +56,13 @@ def load_stage(run_dir: Path, stage: int | None = None):
     tasks, probe = load_sequence(cfg)
     family = ClassifierFamily(cfg.model, cfg.seed)
     family.load()
-    if (stage_dir / "adapter").is_dir():
+    scorer = None  # what score_row enters around each task (moe: the mixture)
+    if (stage_dir / "adapter" / "router.json").is_file():
+        from continual_lora.strategies.moe import SavedMixture
+
+        init = cfg.resolve_path(cfg.lora.init_adapter) if cfg.lora.init_adapter else None
+        scorer = SavedMixture(family, stage_dir / "adapter", init)
+    elif (stage_dir / "adapter").is_dir():
         family.set_backbone(PeftModel.from_pretrained(family.backbone, str(stage_dir / "adapter")))
     elif (stage_dir / "model").is_dir():
         from transformers import AutoModel
@@ -68,13 +75,13 @@ def load_stage(run_dir: Path, stage: int | None = None):
     meta = load_heads(family, stage_dir)
     for t in meta["tasks"]:
         family._tasks[t["index"]] = tasks[t["index"] - 1]
-    return cfg, tasks, probe, family, stage
+    return cfg, tasks, probe, family, stage, scorer
 
 
 def evaluate_run(run_dir: Path, stage: int | None = None) -> tuple[Row, list[float], int]:
     """Scores of the reloaded stage and the scores the run recorded for it."""
-    cfg, tasks, probe, family, stage = load_stage(run_dir, stage)
-    row = score_row(family, tasks, probe, stage, cfg.train.eval_batch_size)
+    cfg, tasks, probe, family, stage, scorer = load_stage(run_dir, stage)
+    row = score_row(family, tasks, probe, stage, cfg.train.eval_batch_size, scorer)
     recorded = json.loads((run_dir / "results.json").read_text())["R"][stage]
     return row, recorded, stage
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -219,6 +219,52 @@ class AdapterMixture(nn.Module):
                 base = self._hidden(None, input_ids, attention_mask)
             out = base if out is None else torch.where(routed[:, None, None], out, base)
         return BaseModelOutput(last_hidden_state=out)
+
+
+class SavedMixture:
+    """A moe stage reloaded from its files alone (`adapter/task*/`, `router.json`,
+    `router.safetensors`) with plain PEFT, scoring as the strategy did: each task through the
+    mixture (oracle: its own adapter). `continual-lora eval` passes it to `score_row` in place
+    of the strategy, whose `scoring` hook it mirrors."""
+
+    def __init__(self, family, adapter_dir: Path, init_adapter: Path | None = None):
+        import json
+
+        meta = json.loads((adapter_dir / "router.json").read_text())
+        self.family, self.adapters = family, list(meta["adapters"])
+        backbone = family.backbone
+        if meta.get("parent_adapter_merged_into_base") and init_adapter is not None:
+            backbone = PeftModel.from_pretrained(backbone, str(init_adapter)).merge_and_unload()
+        peft = PeftModel.from_pretrained(backbone, str(adapter_dir / self.adapters[0]),
+                                         adapter_name=self.adapters[0])
+        for name in self.adapters[1:]:
+            peft.load_adapter(str(adapter_dir / name), adapter_name=name)
+        family.set_backbone(peft)
+        self.peft = peft
+        self.router = self._router(meta, adapter_dir)
+
+    def _router(self, meta: dict, adapter_dir: Path) -> Router | None:
+        if meta["router"] == "oracle":
+            return None
+        tensors = load_file(str(adapter_dir / "router.safetensors"))
+        if meta["router"] == "prototype":
+            return Router("prototype", meta["top_k"], meta["temperature"],
+                          prototypes=tensors["prototypes"])
+        state = {k.removeprefix("gate."): v for k, v in tensors.items()}
+        first = state.get("weight", state.get("0.weight"))
+        gate = make_gate(first.shape[1], len(self.adapters), meta["gate_hidden"])
+        gate.load_state_dict(state)
+        return Router("learned", meta["top_k"], meta["temperature"], gate=gate.eval())
+
+    @contextmanager
+    def scoring(self, ctx, task: TaskData | None) -> Iterator[None]:
+        own = task.index - 1 if task is not None and task.index <= len(self.adapters) else None
+        self.family.set_backbone(AdapterMixture(self.peft, self.adapters, self.family.cfg,
+                                                self.router, oracle=own))
+        try:
+            yield
+        finally:
+            self.family.set_backbone(self.peft)
 
 
 # -- the strategy ---------------------------------------------------------------------------------
