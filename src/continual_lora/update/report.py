@@ -61,23 +61,37 @@ def build_report(tasks: list[TaskData], probe_tasks: list[int], row0, row1,
     return report
 
 
-def format_report(report: dict) -> str:
-    lines = ["before/after:",
-             f"  {'task':<22} {'scored on':<9} {'before':>7} {'after':>7} {'change':>7} "
-             f"{'lost':>5} {'gained':>6}"]
-    for r in report["old"]:
-        f = r["flips"]
-        lines.append(f"  {r['task']:<22} {r['scored_on']:<9} {r['before']:>7.3f} "
-                     f"{r['after']:>7.3f} {r['change']:>+7.3f} {f['lost']:>5} {f['gained']:>6}")
+TABLE_HEADER = ["task", "scored on", "before", "after", "change", "lost", "gained"]
+
+
+def _table(report: dict) -> list[list[str]]:
+    """The before/after table's rows as text cells (old tasks, the new task, the upstream
+    probe), rendered for the terminal and for Markdown alike."""
+    def row(task, scored_on, before, after, flips=None):
+        lost, gained = ("", "") if flips is None else (str(flips["lost"]), str(flips["gained"]))
+        return [task, scored_on, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}",
+                lost, gained]
+
+    rows = [row(r["task"], r["scored_on"], r["before"], r["after"], r["flips"])
+            for r in report["old"]]
     n = report["new"]
-    lines.append(f"  {n['task'] + ' (new)':<22} {'held-out':<9} {n['before']:>7.3f} "
-                 f"{n['after']:>7.3f} {n['gain']:>+7.3f}")
+    rows.append(row(f"{n['task']} (new)", "held-out", n["before"], n["after"]))
     up = report["upstream"]
     if up:
-        f = up["flips"]
-        lines.append(f"  {'upstream probe':<22} {'retrieval':<9} {up['before']:>7.3f} "
-                     f"{up['after']:>7.3f} {up['after'] - up['before']:>+7.3f} {f['lost']:>5} "
-                     f"{f['gained']:>6}")
+        rows.append(row("upstream probe", "retrieval", up["before"], up["after"], up["flips"]))
+    return rows
+
+
+def format_report(report: dict) -> str:
+    widths = [22, 9, 7, 7, 7, 5, 6]
+
+    def line(cells: list[str]) -> str:
+        first, second, *numbers = cells
+        return (f"  {first:<{widths[0]}} {second:<{widths[1]}} "
+                + " ".join(f"{c:>{w}}" for c, w in zip(numbers, widths[2:], strict=True))
+                ).rstrip()
+
+    lines = ["before/after:", line(TABLE_HEADER), *map(line, _table(report))]
     if report["old_mean"]:
         lines.append(f"  old tasks' mean drop: {report['old_mean']['drop']:.3f}")
     b = report["budget"]
@@ -90,20 +104,9 @@ def format_report(report: dict) -> str:
 
 
 def _markdown(report: dict, png: str | None) -> str:
-    out = ["# Update report", "", "| task | scored on | before | after | change | lost | gained |",
-           "|---|---|---|---|---|---|---|"]
-    for r in report["old"]:
-        f = r["flips"]
-        out.append(f"| {r['task']} | {r['scored_on']} | {r['before']:.3f} | {r['after']:.3f} | "
-                   f"{r['change']:+.3f} | {f['lost']} | {f['gained']} |")
-    n = report["new"]
-    out.append(f"| {n['task']} (new) | held-out | {n['before']:.3f} | {n['after']:.3f} | "
-               f"{n['gain']:+.3f} | | |")
-    up = report["upstream"]
-    if up:
-        out.append(f"| upstream probe | retrieval | {up['before']:.3f} | {up['after']:.3f} | "
-                   f"{up['after'] - up['before']:+.3f} | {up['flips']['lost']} | "
-                   f"{up['flips']['gained']} |")
+    out = ["# Update report", "", "| " + " | ".join(TABLE_HEADER) + " |",
+           "|" + "---|" * len(TABLE_HEADER)]
+    out += ["| " + " | ".join(cells) + " |" for cells in _table(report)]
     out += ["", "`lost`/`gained`: held-out examples right before and wrong after / wrong before "
             "and right after. A `probe` task is scored as agreement with the old model's own "
             "predictions on the new task's held-out inputs (1.0 before by construction).", "",
