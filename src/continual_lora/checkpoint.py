@@ -80,14 +80,22 @@ class RunDirExists(FileExistsError):
     """The run folder exists and overwriting was not asked for."""
 
 
+def refuse_existing(path: Path, overwrite: bool) -> bool:
+    """Raise if `path` is a non-empty folder and `overwrite` is off; True when it is one (and
+    will be replaced)."""
+    if not (path.exists() and any(path.iterdir())):
+        return False
+    if not overwrite:
+        raise RunDirExists(
+            f"run folder {path} already exists and is not empty; nothing was changed. "
+            "Choose another name (name=... or output_dir=...) or pass overwrite=true."
+        )
+    return True
+
+
 def create_run_dir(path: Path, overwrite: bool, echo: Callable[[str], None] = print) -> Path:
     """Create an empty run folder; an existing non-empty one is an error unless `overwrite`."""
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise RunDirExists(
-                f"run folder {path} already exists and is not empty; nothing was changed. "
-                "Choose another name (name=... or output_dir=...) or pass overwrite=true."
-            )
+    if refuse_existing(path, overwrite):
         echo(f"overwriting existing run folder {path}")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -55,21 +55,28 @@ def _bench(cfg, resume_dir: Path | None = None) -> int:
     return 0
 
 
+def _stored_config(args: argparse.Namespace, name: str, what: str) -> Path:
+    """The config saved in the `--resume` folder. `--resume` takes no config file (overrides
+    are allowed, and refused later if they change anything)."""
+    if args.config and "=" in args.config:  # argparse took the first override for CONFIG
+        args.overrides, args.config = [args.config, *args.overrides], None
+    if args.config:
+        raise ConfigError(f"--resume {args.resume} takes the config stored there; give no "
+                          "config file")
+    stored = Path(args.resume) / name
+    if not stored.is_file():
+        raise ConfigError(f"--resume {args.resume}: no {name} there, so no {what} was started "
+                          f"in it; start one with `continual-lora {what} CONFIG`")
+    return stored
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from continual_lora.runner import run
 
     if args.resume:
-        if args.config and "=" in args.config:  # argparse took the first override for CONFIG
-            args.overrides, args.config = [args.config, *args.overrides], None
-        if args.config:
-            raise ConfigError("--resume RUN_DIR takes the config stored in RUN_DIR; give no "
-                              "config file")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there, so no run was started "
-                              "in it; start one with `continual-lora run CONFIG`")
-        cfg = load_run_config(run_dir / "config.yaml", args.overrides)
-        result = run(cfg, run_dir=run_dir, resume=True)
+        stored = _stored_config(args, "config.yaml", "run")
+        result = run(load_run_config(stored, args.overrides), run_dir=run_dir, resume=True)
     else:
         if not args.config:
             raise ConfigError("run needs a CONFIG file (or --resume RUN_DIR)")
@@ -89,17 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.resume:
-        if args.config and "=" in args.config:  # argparse took the first override for CONFIG
-            args.overrides, args.config = [args.config, *args.overrides], None
-        if args.config:
-            raise ConfigError("--resume BENCH_DIR takes the config stored in BENCH_DIR; give no "
-                              "config file")
-        bench_dir = Path(args.resume)
-        stored = bench_dir / "bench.yaml"
-        if not stored.is_file():
-            raise ConfigError(f"--resume {bench_dir}: no bench.yaml there, so no bench was "
-                              "started in it")
-        return _bench(load_bench_config(stored, args.overrides), bench_dir)
+        stored = _stored_config(args, "bench.yaml", "bench")
+        return _bench(load_bench_config(stored, args.overrides), Path(args.resume))
     if not args.config:
         raise ConfigError("bench needs a CONFIG file (or --resume BENCH_DIR)")
     return _bench(load_bench_config(args.config, args.overrides))

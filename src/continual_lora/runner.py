@@ -43,6 +43,7 @@ from continual_lora.adapters import (
 from continual_lora.checkpoint import (
     atomic_dir,
     create_run_dir,
+    refuse_existing,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -147,8 +148,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
                               "nothing to resume")
     else:
         progress = None
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-            create_run_dir(run_dir, False, echo)  # raises, naming the folder
+        refuse_existing(run_dir, cfg.overwrite)  # before loading anything
 
     # The model and the user's adapter are loaded before the run folder is made: a base or an
     # adapter that does not load leaves nothing behind.
