@@ -102,6 +102,9 @@ class Strategy:
     uses_lora: ClassVar[bool] = True
     needs_old_data: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    #: True when each task trains a new adapter beside the earlier ones (so an update may give
+    #: it another rank/alpha/targets than the old adapter's); False when it continues one.
+    new_adapter_per_task: ClassVar[bool] = False
     #: Why `continual-lora update` cannot use this strategy, or "" when it can.
     not_for_update: ClassVar[str] = ""
     #: Why this strategy cannot train in several processes (DDP), or "" when it can.

@@ -27,6 +27,7 @@ class MergeReinitStrategy(Strategy):
 
     name = "merge_reinit"
     summary = "merge each task's adapter into the base, then start a fresh one"
+    new_adapter_per_task = True
 
     def __init__(self, options=None):
         super().__init__(options)

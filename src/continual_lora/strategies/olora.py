@@ -164,6 +164,7 @@ class OloraStrategy(Strategy):
     name = "olora"
     Options = OloraOptions
     summary = "freeze earlier adapters, train a new one orthogonal to them (O-LoRA)"
+    new_adapter_per_task = True
 
     def __init__(self, options=None):
         super().__init__(options)

@@ -142,6 +142,7 @@ class OrthoInitStrategy(Strategy):
     name = "ortho_init"
     Options = OrthoInitOptions
     summary = "merge each task's adapter, start the next one orthogonal to the earlier A's"
+    new_adapter_per_task = True
 
     def __init__(self, options=None):
         super().__init__(options)

@@ -28,12 +28,20 @@ def _holdout_indices(n: int, fraction: float, cap: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), k))
 
 
+def read_train(data: UpdateData, cfg: UpdateConfig, what: str) -> tuple[list[str], list[str]]:
+    """(texts, raw labels) of a source's train file."""
+    return read_table(cfg.resolve_path(data.train), data.text_column, data.label_column, what)
+
+
 def read_source(data: UpdateData, cfg: UpdateConfig, what: str,
-                classes: list[str] | None = None) -> tuple[list[str], Split, Split, dict]:
-    """(classes, train, held-out, manifest) of one source. `classes` fixes the label order
-    (an old head's rows); labels outside it are an error naming them."""
+                classes: list[str] | None = None,
+                table: tuple[list[str], list[str]] | None = None
+                ) -> tuple[list[str], Split, Split, dict]:
+    """(classes, train, held-out, manifest) of one source (`table`: its train file already
+    read). `classes` fixes the label order (an old head's rows); labels outside it are an error
+    naming them."""
     train_path = cfg.resolve_path(data.train)
-    texts, raw = read_table(train_path, data.text_column, data.label_column, what)
+    texts, raw = table or read_train(data, cfg, what)
     manifest = {"source": "files", "train": {"path": str(train_path),
                                              "sha256": _sha256(train_path), "rows": len(raw)}}
     if data.eval is not None:
@@ -65,15 +73,12 @@ def read_source(data: UpdateData, cfg: UpdateConfig, what: str,
     return classes, train, held_out, manifest
 
 
-def _labels(data: UpdateData, cfg: UpdateConfig, what: str) -> set[str]:
-    _, raw = read_table(cfg.resolve_path(data.train), data.text_column, data.label_column, what)
-    return set(raw)
-
-
-def match_old_sources(cfg: UpdateConfig, head_tasks: list[dict]) -> dict[int, int | None]:
-    """For each entry of `cfg.old`, the index (into `head_tasks`) of the head it belongs to, or
-    None for old data that no saved head covers: by `name` when given, else by the one head
-    whose classes contain every label of the file."""
+def match_old_sources(cfg: UpdateConfig, head_tasks: list[dict],
+                      tables: list[tuple[list[str], list[str]]]) -> dict[int, int | None]:
+    """For each entry of `cfg.old` (its train file read into `tables`), the index (into
+    `head_tasks`) of the head it belongs to, or None for old data that no saved head covers:
+    by `name` when given, else by the one head whose classes contain every label of the
+    file."""
     matched: dict[int, int | None] = {}
     names = [t["name"] for t in head_tasks]
     for k, data in enumerate(cfg.old):
@@ -81,7 +86,7 @@ def match_old_sources(cfg: UpdateConfig, head_tasks: list[dict]) -> dict[int, in
         if data.name is not None:
             matched[k] = names.index(data.name) if data.name in names else None
             continue
-        labels = _labels(data, cfg, what)
+        labels = set(tables[k][1])
         fits = [i for i, t in enumerate(head_tasks) if labels <= set(t["classes"])]
         if len(fits) > 1:
             raise ConfigError(f"{what}: {data.train} fits the heads of several old tasks "
@@ -103,7 +108,8 @@ def load_tasks(cfg: UpdateConfig, head_tasks: list[dict]) -> tuple[list[TaskData
     """The old tasks and the new task, in index order, and the indices of old tasks that have
     no data (their held-out split is filled in later by the probe). Data errors surface here,
     before anything is written."""
-    matched = match_old_sources(cfg, head_tasks)
+    tables = [read_train(data, cfg, f"old.{k}") for k, data in enumerate(cfg.old)]
+    matched = match_old_sources(cfg, head_tasks, tables)
     by_head = {i: k for k, i in matched.items() if i is not None}
     tasks: list[TaskData] = []
     without_data: list[int] = []
@@ -112,7 +118,7 @@ def load_tasks(cfg: UpdateConfig, head_tasks: list[dict]) -> tuple[list[TaskData
         if i in by_head:
             k = by_head[i]
             classes, train, held, manifest = read_source(cfg.old[k], cfg, f"old.{k}",
-                                                         list(head["classes"]))
+                                                         list(head["classes"]), tables[k])
             tasks.append(TaskData(index, head["name"], list(head["classes"]), train, held,
                                   manifest=manifest))
         else:
@@ -122,7 +128,8 @@ def load_tasks(cfg: UpdateConfig, head_tasks: list[dict]) -> tuple[list[TaskData
     for k, data in enumerate(cfg.old):
         if matched[k] is None:
             name = data.name or _stem(data.train)
-            classes, train, held, manifest = read_source(data, cfg, f"old.{k}")
+            classes, train, held, manifest = read_source(data, cfg, f"old.{k}",
+                                                         table=tables[k])
             tasks.append(TaskData(len(tasks) + 1, name, classes, train, held,
                                   manifest=manifest))
     new_name = cfg.new.name or _stem(cfg.new.train)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,6 @@ from torch import nn
 
 from continual_lora.adapters import count_parameters, load_adapter, make_lora_config
 from continual_lora.checkpoint import (
-    atomic_dir,
     create_run_dir,
     write_json_atomic,
     write_text_atomic,
@@ -95,7 +95,6 @@ class Prepared:
     sources: list[Source]
     plan: dict
     plan_text: str
-    why: dict = field(default_factory=dict)
 
 
 # -- planning: load, check, decide; nothing is written ---------------------------------------------
@@ -109,13 +108,19 @@ def _choose_strategy(cfg: UpdateConfig, has_old_data: bool, has_heads: bool
     return cfg.strategy, "given"
 
 
-def _check_strategy(name: str, cls, tasks: list[TaskData], has_old_data: bool) -> None:
+def _check_strategy(name: str, cls, has_old_data: bool) -> None:
     if cls.not_for_update:
         raise ConfigError(f"strategy: {name} cannot be used by update: {cls.not_for_update}")
     if cls.needs_old_data and not has_old_data:
         raise ConfigError(f"strategy: {name} trains on old data, and none was given; pass the "
                           "old data with --old FILE, or choose a strategy that needs none "
                           "(--strategy auto picks one)")
+
+
+def _new_adapter_strategies() -> str:
+    from continual_lora.registry import get_strategy, strategy_names
+
+    return ", ".join(n for n in strategy_names() if get_strategy(n).new_adapter_per_task)
 
 
 def _lora_settings(cfg: UpdateConfig, old: OldAdapter, fresh_adapter: bool) -> tuple[dict, str]:
@@ -129,12 +134,12 @@ def _lora_settings(cfg: UpdateConfig, old: OldAdapter, fresh_adapter: bool) -> t
         raise ConfigError(
             f"requested {shown} differs from the adapter being updated ({old.path}). Leave it "
             "out to keep the old adapter's value, or pass --change-lora to train a new adapter "
-            "with it (strategies merge_reinit, ortho_init, olora)")
+            f"with it (strategies {_new_adapter_strategies()})")
     if differs and not fresh_adapter:
         raise ConfigError(
             f"--change-lora: the chosen strategy continues training the old adapter itself, so "
-            f"its {', '.join(differs)} cannot change; use merge_reinit, ortho_init or olora, which "
-            "train a new adapter beside the old one")
+            f"its {', '.join(differs)} cannot change; use one of {_new_adapter_strategies()}, "
+            "which train a new adapter beside the old one")
     settings = {k: (wanted[k] if k in differs else have[k]) for k in have}
     return settings, ("changed: " + ", ".join(differs)) if differs else "the old adapter's"
 
@@ -166,10 +171,9 @@ def _load_old_heads(family: ClassifierFamily, old: OldAdapter, tasks: list[TaskD
 
 
 @torch.no_grad()
-def _old_predictions(family: ClassifierFamily, task: TaskData, new: TaskData,
-                     batch_size: int) -> torch.Tensor:
-    """The old model's predictions for `task`'s head on the new task's held-out inputs."""
-    feats = family.encode_split(new, "eval", batch_size).to(family.device)
+def _old_predictions(family: ClassifierFamily, task: TaskData,
+                     feats: torch.Tensor) -> torch.Tensor:
+    """The old model's predictions for `task`'s head, from features of the new inputs."""
     module = family.module
     logits = module.head_logits(module.head_key(task.index), feats)
     if family.cfg.head == "shared":
@@ -219,13 +223,12 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
         raise ConfigError("max_forgetting: there is nothing old to measure: the adapter has no "
                           "saved heads and no old data was given (--old FILE)")
     name, why_strategy = _choose_strategy(cfg, has_old_data, has_heads)
-    strategy_cls = get_strategy_or_error(name)
-    _check_strategy(name, strategy_cls, tasks, has_old_data)
     validate_strategy_options(StrategyConfig(name=name, options=cfg.strategy_options),
-                              "strategy")
+                              "strategy")  # an unknown name or option, named
+    strategy_cls = get_strategy(name)
+    _check_strategy(name, strategy_cls, has_old_data)
     strategy = strategy_cls(strategy_cls.Options.model_validate(cfg.strategy_options))
-    fresh = name in ("merge_reinit", "ortho_init", "olora")
-    lora, lora_why = _lora_settings(cfg, old, fresh)
+    lora, lora_why = _lora_settings(cfg, old, strategy_cls.new_adapter_per_task)
 
     base = cfg.base or old.base_name
     if not base:
@@ -240,9 +243,11 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
 
     # Old tasks without data are measured on a probe: the old model's own predictions.
     eval_batch = TrainConfig().eval_batch_size
+    new_feats = family.encode_split(new, "eval", eval_batch).to(family.device) \
+        if probe_tasks else None  # encoded once, read by every old head
     for index in probe_tasks:
         task = tasks[index - 1]
-        predictions = _old_predictions(family, task, new, eval_batch)
+        predictions = _old_predictions(family, task, new_feats)
         task.eval = probe_split(new, predictions.numpy(), cfg.probe_size)
         task.manifest = probe_manifest(new, len(task.eval))
     for task in tasks[:-1]:  # old data that no saved head covers: a frozen prototype head
@@ -337,16 +342,6 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
                         row0, sources, plan, "")
     prepared.plan_text = format_plan(plan, base_line, old)
     return prepared
-
-
-def get_strategy_or_error(name: str):
-    from continual_lora.registry import strategy_names
-
-    try:
-        return get_strategy(name)
-    except KeyError:
-        raise ConfigError(f"strategy: unknown strategy {name!r}; available: auto, "
-                          f"{', '.join(strategy_names())}") from None
 
 
 def format_plan(plan: dict, base_line: str, old: OldAdapter) -> str:
@@ -451,8 +446,8 @@ def _save_adapter(prep: Prepared, out: Path, info_extra: dict, row1: Row) -> dic
     facts = stage_facts(ctx.t, ctx.task.name, {"lr": prep.plan["lr"], "steps": prep.plan["steps"]},
                         prep.run_cfg.train, cfg.seed, [t.name for t in tasks], row1.scores,
                         row1.upstream)
-    staging = out / ".adapter.tmp"
-    with atomic_dir(staging) as tmp:
+    with tempfile.TemporaryDirectory(dir=out, prefix=".adapter.", suffix=".tmp") as staging:
+        tmp = Path(staging)
         info = prep.strategy.export_adapter(ctx, tmp)
         info = {**info, "update": info_extra}
         record = stage_lineage.write(tmp, out, {**facts, "export": info})
@@ -461,7 +456,6 @@ def _save_adapter(prep: Prepared, out: Path, info_extra: dict, row1: Row) -> dic
         names.remove("adapter_config.json")
         for name in [*names, "adapter_config.json"]:
             os.replace(tmp / name, out / name)
-    shutil.rmtree(staging, ignore_errors=True)
     return record
 
 
