@@ -99,7 +99,7 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     if saved.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"lora.init_adapter: {path} is a {saved.get('peft_type')} adapter, "
                           "not LoRA")
-    check_weights_file(path)
+    keys = check_weights_file(path)
     try:
         model = PeftModel.from_pretrained(backbone, str(path), is_trainable=True)
     except (RuntimeError, ValueError) as exc:
@@ -109,16 +109,18 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
         raise ConfigError(
             f"lora.init_adapter: {path} (trained on {trained_on}) does not fit this base model "
             f"({this_base}): {first}. Load it on the base it was trained on.") from None
-    check_complete_load(model, path)
+    check_complete_load(model, path, keys)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise ConfigError(f"lora.init_adapter: {path} loaded with 0 trainable parameters")
     return model
 
 
-def check_weights_file(path: Path) -> None:
-    """The adapter's weights must be a complete safetensors file. A `.bin` alone is read by PEFT
-    with `torch.load(weights_only=True)` (tensors only, no code), with a warning."""
+def check_weights_file(path: Path) -> set[str] | None:
+    """The adapter's weights must be a complete safetensors file (its header is checked against
+    the file's size when it is opened); returns its tensor names. A `.bin` alone is read by
+    PEFT with `torch.load(weights_only=True)` (tensors only, no code), with a warning, and
+    None is returned."""
     import warnings
 
     from safetensors import safe_open
@@ -128,13 +130,12 @@ def check_weights_file(path: Path) -> None:
         if (path / "adapter_model.bin").is_file():
             warnings.warn(f"{path}: adapter_model.bin (a pickle) is loaded with "
                           "torch.load(weights_only=True); prefer safetensors", stacklevel=3)
-            return
+            return None
         raise ConfigError(f"{path}: no adapter_model.safetensors (nor .bin) beside "
                           "adapter_config.json")
     try:
         with safe_open(str(weights), framework="pt") as fh:
-            for key in fh.keys():
-                fh.get_slice(key)  # every tensor's range must lie inside the file
+            return set(fh.keys())
     except Exception as exc:  # safetensors raises its own error type for each kind of damage
         raise ConfigError(
             f"{weights}: not a complete safetensors file ({exc}): truncated or corrupted, by an "
@@ -142,17 +143,16 @@ def check_weights_file(path: Path) -> None:
             "last good checkpoint (`continual-lora run --resume`)") from None
 
 
-def check_complete_load(model: PeftModel, path: Path, adapter: str = "default") -> None:
-    """Refuse a silent partial load: PEFT only warns when the file lacks some of the LoRA
-    tensors its config creates (those stay at their fresh init: B = 0, so the module does
-    nothing) or holds tensors that match no module of this base (they are dropped)."""
-    from safetensors import safe_open
-
+def check_complete_load(model: PeftModel, path: Path, keys: set[str] | None,
+                        adapter: str = "default") -> None:
+    """Refuse a silent partial load: PEFT only warns when the file (tensor names `keys`) lacks
+    some of the LoRA tensors its config creates (those stay at their fresh init: B = 0, so the
+    module does nothing) or holds tensors that match no module of this base (they are
+    dropped)."""
+    if keys is None:
+        return  # a .bin: its names are not read without unpickling it
     weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        return  # PEFT refused to load anything else already
-    with safe_open(str(weights), framework="pt") as fh:
-        in_file = {k for k in fh.keys() if "lora_" in k}  # not modules_to_save, biases
+    in_file = {k for k in keys if "lora_" in k}  # not modules_to_save, biases
     expected = {name.replace(f".{adapter}.", ".") for name, _ in model.named_parameters()
                 if "lora_" in name and f".{adapter}." in name}
     missing, unmatched = sorted(expected - in_file), sorted(in_file - expected)

@@ -178,9 +178,10 @@ def merge_record(inputs: list[Path], folder: Path, method: str, options: dict, l
                                                "fingerprint_sha256": None, "family": None}
     parents, chain, seen, data = [], [], set(), []
     for path, record in zip(inputs, records, strict=True):
-        identity = weights_identity(path)
+        identity = weights_identity(path)  # hashed once: `verify` would hash it again
         parents.append({"path": str(path), **identity,
-                        "lineage_matches": None if record is None else verify(path, record)})
+                        "lineage_matches": None if record is None
+                        else identity == record["adapter"]})
         for ancestor in child_chain(record) if record is not None else []:
             key = ancestor["adapter"]["sha256"]
             if key not in seen:
