@@ -87,6 +87,15 @@ def attach_lora(backbone: nn.Module, config: LoraConfig, seed: int) -> PeftModel
         return get_peft_model(backbone, config)
 
 
+class AdapterMismatch(ConfigError):
+    """An adapter whose shapes do not fit the base it is loaded on; `detail` is PEFT's own
+    account of the first mismatches, for callers that word the rest themselves."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
 def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     """Load a user's PEFT adapter onto `backbone`, trainable, refusing a silent partial load."""
     path = Path(path)
@@ -105,10 +114,10 @@ def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
     except (RuntimeError, ValueError) as exc:
         trained_on = saved.get("base_model_name_or_path") or "an unnamed base"
         this_base = getattr(getattr(backbone, "config", None), "_name_or_path", "") or "?"
-        first = " ".join(str(exc).split())[:400]
-        raise ConfigError(
+        detail = " ".join(str(exc).split())[:400]
+        raise AdapterMismatch(
             f"lora.init_adapter: {path} (trained on {trained_on}) does not fit this base model "
-            f"({this_base}): {first}. Load it on the base it was trained on.") from None
+            f"({this_base}): {detail}. Load it on the base it was trained on.", detail) from None
     check_complete_load(model, path, keys)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:

@@ -26,7 +26,12 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from continual_lora.adapters import count_parameters, load_adapter, make_lora_config
+from continual_lora.adapters import (
+    AdapterMismatch,
+    count_parameters,
+    load_adapter,
+    make_lora_config,
+)
 from continual_lora.checkpoint import (
     create_run_dir,
     write_json_atomic,
@@ -202,10 +207,10 @@ def _check_base(family: ClassifierFamily, old: OldAdapter, cfg: UpdateConfig,
 def _load_adapter(family: ClassifierFamily, old: OldAdapter, base: str) -> None:
     try:
         family.set_backbone(load_adapter(family.backbone, old.path))
-    except ConfigError as exc:
+    except AdapterMismatch as exc:  # other load errors (a partial file, ...) pass unchanged
         trained_on = old.base_name or "an unknown base"
         raise ConfigError(f"adapter {old.path} (trained on {trained_on}) does not fit the base "
-                          f"{base}: {str(exc).split(': ', 1)[-1]}") from None
+                          f"{base}: {exc.detail}") from None
 
 
 def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
