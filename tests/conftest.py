@@ -87,3 +87,25 @@ def tiny_run_config(tiny_bert, tiny_task_files, tmp_path):
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide Llama built from config with a small byte-level BPE tokenizer trained
+    on real WordNet text (with the chat template), saved like a hub model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from continual_lora.data.general_text import general_text
+    from continual_lora.embedded_lm import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = train_tokenizer(general_text("pretrain")[:300], 400)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

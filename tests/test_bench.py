@@ -26,3 +26,23 @@ def test_comparison_table_shows_strategy_reports_only_when_there_are_some(tmp_pa
     assert lines[2].endswith("| 1 |  |")  # naive: empty cell
     assert lines[3].endswith("| router prototype; routing_accuracy_mean 0.750 |")
     assert lines[4].endswith("| export_error mean 0.125 |")
+
+
+def test_labels_name_rows_of_one_strategy_under_several_options():
+    import pytest
+
+    from continual_lora.bench import plan_rows, row_config
+    from continual_lora.config import ConfigError, load_bench_config
+
+    run = {"tasks": [{"name": "a", "wordnet": ["noun.animal", "noun.plant"]}]}
+    bench = load_bench_config(None, data={
+        "strategies": [{"name": "full_ft"},
+                       {"name": "full_ft", "label": "full_ft_replay",
+                        "options": {"replay": True}}],
+        "include_joint": False, "run": run})
+    names = [row_config(bench, s, r).name for s, r in plan_rows(bench)]
+    assert names == ["full_ft", "full_ft_replay"]
+    with pytest.raises(ConfigError, match=r"\['full_ft'\] appear more than once: give each a "
+                                          "distinct `label`"):
+        load_bench_config(None, data={"strategies": [{"name": "full_ft"}, {"name": "full_ft"}],
+                                      "run": run})

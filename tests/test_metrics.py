@@ -327,3 +327,20 @@ def test_metrics_does_not_import_torch():
     code = "import continual_lora.metrics, sys; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_per_round_knowledge_view_by_hand():
+    # 3 rounds of facts; row 0 is the base, which knows none of them.
+    R = [[0.0, 0.0, 0.0],
+         [0.8, 0.0, 0.1],
+         [0.4, 0.9, 0.0],
+         [0.2, 0.6, 1.0]]
+    rows = m.per_round(R)
+    assert [r["acquisition"] for r in rows] == [0.8, 0.9, 1.0]
+    assert math.isnan(rows[0]["retention"]) and math.isnan(rows[0]["retained"])
+    assert rows[1]["retention"] == pytest.approx(0.4)
+    assert rows[2]["retention"] == pytest.approx((0.2 + 0.6) / 2)
+    assert rows[1]["retained"] == pytest.approx(0.4 / 0.8)
+    assert rows[2]["retained"] == pytest.approx((0.2 + 0.6) / (0.8 + 0.9))
+    assert rows[2]["seen"] == pytest.approx((0.2 + 0.6 + 1.0) / 3)
+    assert rows[0]["seen"] == pytest.approx(0.8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 import continual_lora.runner as runner_module
 from continual_lora.adapters import make_lora_config
 from continual_lora.config import ModelConfig, load_run_config
-from continual_lora.families.classifier import ClassifierModule
+from continual_lora.families.classifier import ClassifierModule, pool_hidden
 from continual_lora.runner import run
 from continual_lora.sequence import load_sequence
 from continual_lora.strategies.moe import (
@@ -119,9 +120,10 @@ def _hidden(peft_model, adapter, ids, mask):
 def test_mixture_top1_features_equal_the_chosen_adapter_exactly(two_adapters):
     peft_model, ids, mask = two_adapters
     cfg = ModelConfig(name_or_path="unused")
-    emb = router_embedding(_hidden(peft_model, None, ids, mask), mask, cfg)
+    pool = partial(pool_hidden, cfg=cfg)
+    emb = router_embedding(_hidden(peft_model, None, ids, mask), mask, pool)
     prototypes = emb[[0, 3]]  # example 0 is nearest to adapter 0, example 3 to adapter 1
-    mixture = AdapterMixture(peft_model, ["task1", "task2"], cfg,
+    mixture = AdapterMixture(peft_model, ["task1", "task2"], pool,
                              Router("prototype", 1, 0.1, prototypes))
     with torch.no_grad():
         mixed = mixture(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -145,18 +147,18 @@ def test_mixture_top1_features_equal_the_chosen_adapter_exactly(two_adapters):
 
 def test_mixture_top2_is_the_weighted_sum_and_oracle_none_is_the_base(two_adapters):
     peft_model, ids, mask = two_adapters
-    cfg = ModelConfig(name_or_path="unused")
-    emb = router_embedding(_hidden(peft_model, None, ids, mask), mask, cfg)
+    pool = partial(pool_hidden, cfg=ModelConfig(name_or_path="unused"))
+    emb = router_embedding(_hidden(peft_model, None, ids, mask), mask, pool)
     router = Router("prototype", 2, 0.5, emb[[1, 4]])
     w = router.weights(emb)
     with torch.no_grad():
-        mixed = AdapterMixture(peft_model, ["task1", "task2"], cfg, router)(
+        mixed = AdapterMixture(peft_model, ["task1", "task2"], pool, router)(
             input_ids=ids, attention_mask=mask).last_hidden_state
     expected = (w[:, 0, None, None] * _hidden(peft_model, "task1", ids, mask)
                 + w[:, 1, None, None] * _hidden(peft_model, "task2", ids, mask))
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
 
-    oracle = AdapterMixture(peft_model, ["task1", "task2"], cfg, router=None, oracle=None)
+    oracle = AdapterMixture(peft_model, ["task1", "task2"], pool, router=None, oracle=None)
     with torch.no_grad():
         base = oracle(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(base, _hidden(peft_model, None, ids, mask))

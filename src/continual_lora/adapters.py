@@ -18,7 +18,7 @@ from torch import nn
 
 from continual_lora.config import ConfigError
 
-# Default LoRA targets by `config.model_type`, for the encoders users fine-tune most.
+# Default LoRA targets by `config.model_type`, for the models users fine-tune most.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
@@ -33,6 +33,17 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "albert": ["query", "value"],
     "modernbert": ["Wqkv"],
     "vit": ["q_proj", "v_proj"],
+    # Causal LMs: attention and MLP projections (seed 004 and QLoRA adapt every linear layer).
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 # Tried in order when the architecture is not in the table.
 FALLBACK_TARGETS = [["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"], ["qkv"]]

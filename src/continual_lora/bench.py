@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import yaml
 from continual_lora.checkpoint import create_run_dir, write_text_atomic
 from continual_lora.config import BenchConfig, ConfigError, RunConfig, StrategyConfig
 from continual_lora.registry import get_strategy
+from continual_lora.report.rounds import format_rounds, run_rounds
 from continual_lora.run_resume import config_diff
 from continual_lora.runner import RunResult, finished_result, run
 
@@ -46,6 +48,16 @@ before training; T tasks; U[t]: upstream score after task t):
 """
 
 
+ROUNDS_DEFINITIONS = """Per round t (a stage of the sequence):
+- acquisition = R[t, t], the round just learned (exact match of greedy answers for facts)
+- retention of earlier = mean over i < t of R[t, i], the earlier rounds now
+- retained share = Σ_{i<t} R[t, i] / Σ_{i<t} R[i, i], what the earlier rounds had reached that is
+  still there
+- all rounds so far = mean over i ≤ t of R[t, i]
+- upstream perplexity: on held-out general text the base model was good at (lower is better)
+"""
+
+
 def plan_rows(cfg: BenchConfig) -> list[tuple[StrategyConfig, int | None]]:
     """(strategy, rank) pairs in table order; `joint` added last when asked and missing."""
     strategies = list(cfg.strategies)
@@ -66,7 +78,8 @@ def row_config(cfg: BenchConfig, strategy: StrategyConfig, rank: int | None) -> 
     `lora.alpha_rule` (or stays the fixed `lora.alpha`), as the config says."""
     run_cfg = cfg.run.model_copy(deep=True)
     run_cfg.strategy = strategy
-    run_cfg.name = f"{strategy.name}-r{rank}" if rank is not None else strategy.name
+    label = strategy.label or strategy.name
+    run_cfg.name = f"{label}-r{rank}" if rank is not None else label
     if rank is not None:
         run_cfg.lora.r = rank
     return run_cfg
@@ -149,7 +162,7 @@ def comparison_rows(results: list[RunResult]) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics
-        rows.append({"strategy": r.strategy, "rank": r.rank, "acc": m["acc"],
+        rows.append({"strategy": m.get("label", r.strategy), "rank": r.rank, "acc": m["acc"],
                      "forgetting": m["forgetting"], "bwt": m["bwt"], "fwt": m["fwt"],
                      "plasticity": m["plasticity"],
                      "upstream_retention": m.get("upstream_retention"),
@@ -188,9 +201,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_comparison(bench_dir: Path, results: list[RunResult]) -> str:
+    """comparison.md/.csv; for a causal LM's knowledge rounds also rounds.md (per round:
+    acquisition, retention, upstream perplexity). Returns what to print."""
     rows = comparison_rows(results)
     table = format_table(rows)
     write_text_atomic(bench_dir / "comparison.md", f"{table}\n\n{DEFINITIONS}")
+    if any(json.loads((r.run_dir / "results.json").read_text()).get("upstream_details")
+           for r in results):
+        rounds = format_rounds([run_rounds(r.run_dir) for r in results])
+        write_text_atomic(bench_dir / "rounds.md", f"{rounds}\n\n{ROUNDS_DEFINITIONS}")
+        table = f"{table}\n\n{rounds}"
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

@@ -51,6 +51,8 @@ def _bench(cfg, resume_dir: Path | None = None) -> int:
     if not _main_process():
         return 0
     print("\n" + format_table(comparison_rows(results)))
+    if (bench_dir / "rounds.md").is_file():  # a causal LM's knowledge rounds
+        print("\n" + (bench_dir / "rounds.md").read_text().split("\n\n")[0])
     print(f"\nbench folder: {bench_dir}  (comparison.md, comparison.csv, runs/)")
     return 0
 
@@ -191,6 +193,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from continual_lora.generate import generate, load_for_generation
+
+    if args.qa and args.chat:
+        raise ConfigError("generate: give --qa or --chat, not both")
+    loaded = load_for_generation(Path(args.adapter) if args.adapter else None, args.base,
+                                 args.trust_remote_code)
+    what = f"adapter {loaded.adapter}" if loaded.adapter else "no adapter"
+    print(f"base {loaded.base}, {what}", file=sys.stderr)
+    answers = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.chat,
+                       args.qa, args.seed)
+    for prompt, answer in zip(args.prompt, answers, strict=True):
+        print(f">>> {prompt}\n{answer}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="continual-lora",
@@ -252,6 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "kohya .safetensors file")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="what a causal-LM adapter says: load it on its base "
+                       "and generate from prompts")
+    p.add_argument("--adapter", help="PEFT adapter folder, a run's stage or run folder, or a "
+                   "full model folder (default: the base alone)")
+    p.add_argument("--base", help="base model, hub id or local folder (default: the one the "
+                   "adapter's lineage names)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt (repeat for several, generated as one batch)")
+    p.add_argument("--qa", action="store_true", help="wrap each prompt as a question in the "
+                   "run's qa_template (default 'Question: {question}\\nAnswer:')")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user turn through "
+                   "the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code shipped with a hub model (only for models you trust)")
+    p.set_defaults(func=cmd_generate)
 
     update_cli.add_parser(sub)
 

@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_LM = "embedded:wordnet-llama"
+EMBEDDED_MODELS = {"classifier": EMBEDDED_MODEL, "causal_lm": EMBEDDED_LM}
 
 
 class ConfigError(ValueError):
@@ -34,24 +36,52 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    family: Literal["classifier"] = "classifier"
-    """Model family: `classifier` (text encoders with classification heads)."""
-    name_or_path: str = EMBEDDED_MODEL
-    """Hub id or local folder of the base model; `embedded:all-MiniLM-L6-v2` is the offline
-    default."""
+    family: Literal["classifier", "causal_lm"] = "classifier"
+    """Model family: `classifier` (text encoders with classification heads) or `causal_lm`
+    (any transformers causal LM: Llama, Qwen, Mistral, GPT-2, SmolLM ...)."""
+    name_or_path: str = ""
+    """Hub id or local folder of the base model; empty: the family's offline default
+    (`embedded:all-MiniLM-L6-v2` for classifiers, `embedded:wordnet-llama` for causal LMs, a
+    small Llama pretrained in-process on WordNet text and cached)."""
     head: Literal["per_task", "shared"] = "per_task"
-    """`per_task`: one head per task, frozen after it (task-incremental); `shared`: one head over
-    all classes seen so far (class-incremental)."""
+    """Classifier: `per_task`: one head per task, frozen after it (task-incremental); `shared`:
+    one head over all classes seen so far (class-incremental)."""
     pooling: Literal["mean", "cls"] = "mean"
-    """How token states become one vector per text."""
+    """Classifier: how token states become one vector per text."""
     normalize: bool = True
-    """L2-normalise pooled features (cosine classifier); heads then use `logit_scale`."""
+    """Classifier: L2-normalise pooled features (cosine classifier); heads then use
+    `logit_scale`."""
     logit_scale: float = Field(16.0, gt=0)
-    """Multiplier of cosine logits when `normalize` is on (a fixed temperature)."""
-    max_length: int = Field(64, ge=8, le=4096)
-    """Maximum tokens per text; longer texts are truncated."""
+    """Classifier: multiplier of cosine logits when `normalize` is on (a fixed temperature)."""
+    max_length: int = Field(64, ge=8, le=131072)
+    """Maximum tokens per example; longer examples are truncated (a causal LM keeps the
+    start)."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off by default: only enable it for models you trust."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights' dtype of the base model (bfloat16 halves the memory of a large LM on a GPU
+    that supports it; CPUs here train in float32)."""
+    packing: bool = False
+    """Causal LM: concatenate the examples of a batch into as few rows of `max_length` tokens
+    as they fill (less padding); each keeps its own loss mask."""
+    qa_template: str = "Question: {question}\nAnswer:"
+    """Causal LM: the prompt of a question/answer example; the completion is ` {answer}`
+    followed by the end-of-text token."""
+    chat_template: bool = False
+    """Causal LM: render question/answer examples as a user/assistant chat with the
+    tokenizer's chat template instead of `qa_template` (for instruction-tuned models)."""
+    max_new_tokens: int = Field(24, ge=1, le=4096)
+    """Causal LM: tokens generated (greedy) per question when answers are scored by exact
+    match."""
+
+    @model_validator(mode="after")
+    def _default_model(self) -> ModelConfig:
+        if not self.name_or_path:
+            # object.__setattr__: an assignment would re-run this validator (validate_assignment)
+            object.__setattr__(self, "name_or_path", EMBEDDED_MODELS[self.family])
+        if "{question}" not in self.qa_template:
+            raise ValueError(f"qa_template {self.qa_template!r} must contain {{question}}")
+        return self
 
 
 class LoraConfigModel(Strict):
@@ -125,12 +155,27 @@ class TaskConfig(Strict):
     eval: str | None = None
     """Held-out file (same formats), relative to the config file."""
     wordnet: list[str] | None = None
-    """Built-in data: WordNet glosses labelled by lexicographer category, one class per entry
-    (`noun.animal`); `noun.animal+noun.plant` makes one class of several categories."""
+    """Built-in data (classifier): WordNet glosses labelled by lexicographer category, one class
+    per entry (`noun.animal`); `noun.animal+noun.plant` makes one class of several
+    categories."""
+    facts: int | None = Field(None, ge=1, le=20)
+    """Built-in data (causal LM): round N of the WordNet fact rounds (question/answer pairs
+    about hypernyms, synonyms and categories; rounds have disjoint subjects). The held-out split
+    is the same facts: the score is how many of them the model recalls."""
+    facts_per_round: int = Field(100, ge=1, le=2000)
+    """Built-in facts only: facts per round."""
+    format: Literal["auto", "text", "prompt_completion", "chat", "qa"] = "auto"
+    """Causal LM: how examples are read: `text` (column `text_column`), `prompt_completion`
+    (`prompt`, `completion`), `chat` (`messages`: a list of {role, content}), `qa`
+    (`question`, `answer`); `auto` picks the one whose columns the file has."""
+    scorer: Literal["auto", "accuracy", "exact_match", "perplexity"] = "auto"
+    """How the held-out split is scored: classifier `accuracy`; causal LM `exact_match` of
+    greedy answers (normalised) or `perplexity` of the held-out tokens; `auto`: accuracy for a
+    classifier, exact match for `qa` tasks, perplexity otherwise."""
     text_column: str = "text"
     """Column holding the input text."""
     label_column: str = "label"
-    """Column holding the class label (string or integer)."""
+    """Classifier: column holding the class label (string or integer)."""
     train_per_class: int = Field(200, ge=1)
     """Built-in data only: training examples per class."""
     eval_per_class: int = Field(100, ge=1)
@@ -147,10 +192,13 @@ class TaskConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
         files = self.train is not None or self.eval is not None
-        if files and self.wordnet:
-            raise ValueError("give either `train`+`eval` files or `wordnet` categories, not both")
-        if not files and not self.wordnet:
-            raise ValueError("a task needs `train` and `eval` files, or `wordnet` categories")
+        built_in = [k for k in ("wordnet", "facts") if getattr(self, k) is not None]
+        if (files and built_in) or len(built_in) > 1:
+            raise ValueError("give one data source: `train`+`eval` files, `wordnet` categories "
+                             "or `facts`")
+        if not files and not built_in:
+            raise ValueError("a task needs `train` and `eval` files, `wordnet` categories "
+                             "(classifier) or `facts` (causal LM)")
         if files and (self.train is None or self.eval is None):
             missing = "eval" if self.eval is None else "train"
             raise ValueError(f"`{missing}` is missing: a task needs both a train and a held-out "
@@ -161,16 +209,26 @@ class TaskConfig(Strict):
 
 
 class UpstreamConfig(Strict):
-    kind: Literal["wordnet_retrieval", "none"] = "wordnet_retrieval"
-    """Upstream probe: `wordnet_retrieval` (find a gloss's word among candidates by embedding
-    similarity, no head involved: the encoder's pretrained skill) or `none`."""
+    kind: Literal["auto", "wordnet_retrieval", "general_text", "text_file", "none"] = "auto"
+    """Upstream probe, what the base could do before training: `wordnet_retrieval` (classifier:
+    find a gloss's word among candidates by embedding similarity, no head involved),
+    `general_text` (causal LM: perplexity on held-out general text shipped with the package),
+    `text_file` (causal LM: perplexity on `file`), `none`; `auto`: the family's built-in
+    probe."""
     size: int = Field(500, ge=10)
-    """Number of gloss/word pairs (each word is a candidate for every gloss)."""
+    """Number of gloss/word pairs, or of general-text documents."""
+    file: str | None = None
+    """`text_file` only: a file of general text (column `text`) the base model is good at,
+    relative to the config file (a sample of its pretraining-like data)."""
 
 
 class StrategyConfig(Strict):
     name: str = "naive"
     """Registered strategy name (see `continual-lora strategies`)."""
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=64)
+    """Name of this strategy's row in a bench (default: the strategy name), to compare one
+    strategy under several options (olora with λ1 0.5 and 5, full_ft with and without
+    replay)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Strategy options, validated by the strategy's own schema."""
 
@@ -203,6 +261,39 @@ class RunConfig(Strict):
     base_dir: str | None = Field(None, exclude=True)
     """Folder relative paths are resolved against (the config file's folder); set by the loader."""
 
+    @model_validator(mode="after")
+    def _fits_family(self) -> RunConfig:
+        """Data sources, scorers and probes that the model family cannot use are errors."""
+        family, up = self.model.family, self.upstream
+        lm = family == "causal_lm"
+        if up.kind == "auto":
+            object.__setattr__(up, "kind", "general_text" if lm else "wordnet_retrieval")
+        if up.kind in ("general_text", "text_file") and not lm:
+            raise ValueError(f"upstream.kind {up.kind!r} scores a causal LM; a classifier uses "
+                             "wordnet_retrieval or none")
+        if up.kind == "wordnet_retrieval" and lm:
+            raise ValueError("upstream.kind 'wordnet_retrieval' scores a classifier; a causal LM "
+                             "uses general_text, text_file or none")
+        if (up.kind == "text_file") != (up.file is not None):
+            raise ValueError("upstream.file is needed by, and only by, upstream.kind text_file")
+        for i, task in enumerate(self.tasks):
+            where = f"tasks.{i} ({task.name})"
+            if lm and task.wordnet is not None:
+                raise ValueError(f"{where}.wordnet: built-in category tasks are for classifiers; "
+                                 "a causal LM takes files or `facts`")
+            if not lm and task.facts is not None:
+                raise ValueError(f"{where}.facts: built-in facts are for model.family causal_lm")
+            if lm and task.scorer == "accuracy":
+                raise ValueError(f"{where}.scorer: a causal LM is scored by exact_match or "
+                                 "perplexity")
+            if not lm and task.scorer in ("exact_match", "perplexity"):
+                raise ValueError(f"{where}.scorer {task.scorer!r} is for causal LMs; a "
+                                 "classifier is scored by accuracy")
+            if not lm and task.format != "auto":
+                raise ValueError(f"{where}.format is for causal LMs; a classifier reads "
+                                 "text_column and label_column")
+        return self
+
     @field_validator("tasks")
     @classmethod
     def _unique_task_names(cls, tasks: list[TaskConfig]) -> list[TaskConfig]:
@@ -220,7 +311,7 @@ class RunConfig(Strict):
             for key in ("train", "eval"):
                 if task.get(key):
                     task[key] = str(self.resolve_path(task[key]).resolve())
-        for section, key in (("lora", "init_adapter"), (None, "data_dir")):
+        for section, key in (("lora", "init_adapter"), (None, "data_dir"), ("upstream", "file")):
             node = data[section] if section else data
             if node.get(key):
                 node[key] = str(self.resolve_path(node[key]).resolve())
@@ -247,6 +338,16 @@ class BenchConfig(Strict):
     """Add a `joint` row (the upper bound) when it is not already listed."""
     run: RunConfig
     """The shared run settings: model, LoRA, schedule, tasks, upstream, output."""
+
+    @field_validator("strategies")
+    @classmethod
+    def _unique_rows(cls, strategies: list[StrategyConfig]) -> list[StrategyConfig]:
+        labels = [s.label or s.name for s in strategies]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"strategies {dupes} appear more than once: give each a distinct "
+                             "`label` (the row's name)")
+        return strategies
 
     @field_validator("ranks")
     @classmethod

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from continual_lora.config import ConfigError, load_run_config
+from continual_lora.families import make_family
 from continual_lora.families.classifier import ClassifierFamily
 from continual_lora.runner import Row, score_row
 from continual_lora.sequence import load_sequence
@@ -54,7 +55,7 @@ def load_stage(run_dir: Path, stage: int | None = None):
         raise ConfigError(f"--stage must be between 1 and {len(stages)}, got {stage}")
     stage_dir = stages[stage - 1]
     tasks, probe = load_sequence(cfg)
-    family = ClassifierFamily(cfg.model, cfg.seed)
+    family = make_family(cfg.model, cfg.seed)
     family.load()
     scorer = None  # what score_row enters around each task (moe: the mixture)
     if (stage_dir / "adapter" / "router.json").is_file():
@@ -65,16 +66,15 @@ def load_stage(run_dir: Path, stage: int | None = None):
     elif (stage_dir / "adapter").is_dir():
         family.set_backbone(PeftModel.from_pretrained(family.backbone, str(stage_dir / "adapter")))
     elif (stage_dir / "model").is_dir():
-        from transformers import AutoModel
-
-        family.set_backbone(AutoModel.from_pretrained(str(stage_dir / "model")))
+        family.set_backbone(family.load_saved_backbone(stage_dir / "model"))
     else:
         raise ConfigError(f"{stage_dir}: no adapter/ or model/ saved at this stage "
                           "(full_ft saves weights after the last task only)")
     family.module.eval()
-    meta = load_heads(family, stage_dir)
-    for t in meta["tasks"]:
-        family._tasks[t["index"]] = tasks[t["index"] - 1]
+    if (stage_dir / "heads.json").is_file():  # a classifier's heads; a causal LM has none
+        meta = load_heads(family, stage_dir)
+        for t in meta["tasks"]:
+            family._tasks[t["index"]] = tasks[t["index"] - 1]
     return cfg, tasks, probe, family, stage, scorer
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "forgetting",
     "forward_transfer",
     "per_class_forgetting",
+    "per_round",
     "per_sample_flips",
     "plasticity",
     "summarize",
@@ -395,6 +396,30 @@ def per_class_forgetting(
 # --------------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------------
+
+
+def per_round(R: Any) -> list[dict[str, float]]:
+    """Per stage t = 1..T, the knowledge-addition view of seed 004:
+
+    * ``acquisition`` = R[t, t] (array ``R[t, t-1]``): the round just learned;
+    * ``retention`` = (1/(t-1)) Σ_{i<t} R[t, i] (array ``R[t, :t-1].mean()``): the earlier rounds
+      now, NaN at t = 1;
+    * ``retained`` = Σ_{i<t} R[t, i] / Σ_{i<t} R[i, i]: the share of what the earlier rounds had
+      reached when learned that is still there (NaN at t = 1 or when they reached 0);
+    * ``seen`` = (1/t) Σ_{i≤t} R[t, i]: every round so far.
+    """
+    arr, T = _check_R(R)
+    rows = []
+    for t in range(1, T + 1):
+        earlier = arr[t, : t - 1]
+        reached = float(np.sum([arr[i, i - 1] for i in range(1, t)]))
+        rows.append({
+            "acquisition": float(arr[t, t - 1]),
+            "retention": float(earlier.mean()) if t > 1 else _NAN,
+            "retained": float(earlier.sum() / reached) if t > 1 and reached > 0 else _NAN,
+            "seen": float(arr[t, :t].mean()),
+        })
+    return rows
 
 
 def summarize(R: Any, U: Any = None) -> dict[str, float]:

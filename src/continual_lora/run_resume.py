@@ -50,6 +50,8 @@ class Progress:
     reports: list[dict | None]
     lineage_parent: dict | None = None
     lineage_chain: list[dict] = field(default_factory=list)
+    details: list[list[dict | None]] = field(default_factory=list)  # per row, per task
+    upstream_details: list[dict | None] = field(default_factory=list)
 
 
 def check_same_config(run_dir: Path, config_text: str) -> None:
@@ -108,7 +110,9 @@ def read_progress(run_dir: Path, task_names: list[str], has_upstream: bool) -> P
     plan = json.loads((run_dir / "plan.json").read_text()) if done else []
     reports = (results.get("strategy_report") or [None] * (done + 1))[1:]
     progress = Progress(done, results["R"], results["U"], results["scored_with"], correct,
-                        up_correct, plan[:done], results["training"][:done], reports)
+                        up_correct, plan[:done], results["training"][:done], reports,
+                        details=results.get("details") or [[None] * len(task_names)] * (done + 1),
+                        upstream_details=results.get("upstream_details") or [None] * (done + 1))
     for stage_dir in reversed(stage_dirs):  # full_ft writes no adapter before its last task
         for sub in ("adapter", "model"):
             record = read_lineage(stage_dir / sub) if (stage_dir / sub).is_dir() else None

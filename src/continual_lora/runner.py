@@ -49,7 +49,7 @@ from continual_lora.checkpoint import (
     write_text_atomic,
 )
 from continual_lora.config import ConfigError, RunConfig
-from continual_lora.families.classifier import ClassifierFamily
+from continual_lora.families import make_family
 from continual_lora.lineage import StageLineage, stage_facts, weights_identity
 from continual_lora.registry import get_strategy
 from continual_lora.resume import (
@@ -80,6 +80,8 @@ class Row:
     correct: list[np.ndarray]
     upstream: float = float("nan")
     upstream_correct: np.ndarray | None = None
+    details: list[dict | None] = field(default_factory=list)  # per task (perplexity, ...)
+    upstream_details: dict | None = None
 
 
 @dataclass
@@ -120,11 +122,12 @@ def score_row(family, tasks, probe, trained_through: int, batch_size: int, strat
     for t in tasks:
         with scoring(t):
             scores.append(family.score_task(t, t.index <= trained_through, batch_size))
-    row = Row([s.score for s in scores], [s.how for s in scores], [s.correct for s in scores])
+    row = Row([s.score for s in scores], [s.how for s in scores], [s.correct for s in scores],
+              details=[s.details for s in scores])
     if probe is not None:
         with scoring(None):
             up = family.score_upstream(probe, batch_size)
-        row.upstream, row.upstream_correct = up.score, up.correct
+        row.upstream, row.upstream_correct, row.upstream_details = up.score, up.correct, up.details
     return row
 
 
@@ -163,7 +166,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         echo(f"warning: train.batch_size {cfg.train.batch_size} does not divide evenly over "
              f"{accelerator.num_processes} processes: the processes' examples are weighted "
              "unequally in the averaged gradient")
-    family = ClassifierFamily(cfg.model, cfg.seed)
+    family = make_family(cfg.model, cfg.seed)
     family.load()
     family.to(accelerator.device)
     family.accelerator = accelerator
@@ -219,7 +222,8 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
     if progress is not None and progress.scores:
         rows = [Row(progress.scores[t], progress.how[t], progress.correct[t],
                     progress.upstream[t] if progress.upstream[t] is not None else float("nan"),
-                    progress.upstream_correct[t]) for t in range(progress.stages_done + 1)]
+                    progress.upstream_correct[t], progress.details[t],
+                    progress.upstream_details[t]) for t in range(progress.stages_done + 1)]
         plan, stats, reports = progress.plan, progress.stats, progress.reports
         if progress.lineage_parent is not None:
             stage_lineage.parent = progress.lineage_parent
@@ -305,8 +309,10 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
         summary["upstream_flips"] = metrics.per_sample_flips([rows[0].upstream_correct],
                                                              [rows[-1].upstream_correct])
     wall = time.perf_counter() - wall_start
-    summary.update({"strategy": cfg.strategy.name, "rank": cfg.lora.r if strategy.uses_lora
-                    else None, "trainable_parameters": max_trainable, "wall_seconds": wall,
+    summary.update({"strategy": cfg.strategy.name,
+                    "label": cfg.strategy.label or cfg.strategy.name,
+                    "rank": cfg.lora.r if strategy.uses_lora else None,
+                    "trainable_parameters": max_trainable, "wall_seconds": wall,
                     "tasks": [t.name for t in tasks], "processes": accelerator.num_processes})
     if progress is not None:
         summary["resumed_after_stage"] = progress.stages_done
@@ -342,6 +348,18 @@ def _save_stage(ctx: TaskContext, strategy, stage_dir: Path,
                                                      "export": info}, indent=2))
 
 
+SCORE_DEFINITIONS = {
+    False: "R[t][i]: accuracy on task i's held-out split after training through task t (row 0: "
+           "before training). Tasks not trained yet are scored with their nearest-class-mean "
+           "(prototype) head. U[t]: upstream score.",
+    True: "R[t][i]: task i's score after training through task t (row 0: before training): "
+          "exact_match: the fraction of questions answered exactly (normalised, greedy); "
+          "perplexity: exp(-mean token loss) = 1/perplexity of the held-out tokens (higher is "
+          "better; `details` gives the perplexity). U[t]: 1/perplexity on the upstream general "
+          "text.",
+}
+
+
 def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict],
                    reports: list[dict | None]) -> None:
     names = [t.name for t in tasks]
@@ -354,10 +372,11 @@ def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict],
     write_text_atomic(run_dir / "accuracy_matrix.csv", "\n".join(lines) + "\n")
     results = {
         "tasks": names, "R": [r.scores for r in rows], "U": [r.upstream for r in rows],
-        "scored_with": [r.how for r in rows], "training": stats,
-        "definition": "R[t][i]: accuracy on task i's held-out split after training through "
-                      "task t (row 0: before training). Tasks not trained yet are scored with "
-                      "their nearest-class-mean (prototype) head. U[t]: upstream score."}
+        "scored_with": [r.how for r in rows], "scorers": [t.scorer for t in tasks],
+        "training": stats, "definition": SCORE_DEFINITIONS[tasks[0].scorer != "accuracy"]}
+    if any(d for r in rows for d in r.details) or any(r.upstream_details for r in rows):
+        results["details"] = [r.details for r in rows]  # indexed like R
+        results["upstream_details"] = [r.upstream_details for r in rows]
     if any(r is not None for r in reports):  # only strategies that report: others unchanged
         results["strategy_report"] = [None, *reports]  # indexed by stage, like R
         write_json_atomic(run_dir / "strategy_report.json",
@@ -445,4 +464,6 @@ def _report_text(report: dict | None) -> str:
 def _row_line(stage: int, label: str, row: Row) -> str:
     cells = " ".join(f"{s:.3f}" for s in row.scores)
     up = "" if np.isnan(row.upstream) else f" | upstream {row.upstream:.3f}"
+    if row.upstream_details and "perplexity" in row.upstream_details:
+        up += f" (perplexity {row.upstream_details['perplexity']:.2f})"
     return f"  R[{stage}] ({label}): {cells}{up}"

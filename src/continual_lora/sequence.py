@@ -26,10 +26,14 @@ UPSTREAM_SEED = 20240917  # fixed so every run of every strategy is scored on th
 
 @dataclass
 class Split:
-    """Texts with integer labels (indices into the task's `classes`)."""
+    """Texts with integer labels (indices into the task's `classes`). A causal LM's split also
+    holds its raw examples in `records` (`{"text"}`, `{"prompt", "completion"}`,
+    `{"messages"}` or `{"question", "answer"}`); its `texts` are their display form and its
+    labels all 0."""
 
     texts: list[str]
     labels: np.ndarray
+    records: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -47,6 +51,7 @@ class TaskData:
     repeats: int = 1
     weight: float | None = None
     manifest: dict = field(default_factory=dict)
+    scorer: str = "accuracy"  # "accuracy", "exact_match" or "perplexity"
 
 
 @dataclass
@@ -56,6 +61,15 @@ class RetrievalProbe:
     name: str
     queries: list[str]
     keys: list[str]
+    manifest: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextProbe:
+    """Upstream probe of a causal LM: general text whose perplexity the base model is good at."""
+
+    name: str
+    texts: list[str]
     manifest: dict = field(default_factory=dict)
 
 
@@ -234,8 +248,12 @@ def load_wordnet_task(cfg: TaskConfig, index: int, run: RunConfig,
     return TaskData(index, cfg.name, classes, train, held_out, cfg.repeats, cfg.weight, manifest)
 
 
-def load_sequence(run: RunConfig) -> tuple[list[TaskData], RetrievalProbe | None]:
+def load_sequence(run: RunConfig) -> tuple[list[TaskData], RetrievalProbe | TextProbe | None]:
     """Load every task of the run, and the upstream probe (held apart from the tasks' data)."""
+    if run.model.family == "causal_lm":
+        from continual_lora.lm_data import load_lm_sequence
+
+        return load_lm_sequence(run)
     probe, exclude = None, set()
     if run.upstream.kind == "wordnet_retrieval":
         probe, exclude = wordnet_upstream(run.upstream.size)

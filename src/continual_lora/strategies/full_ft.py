@@ -7,7 +7,9 @@ from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from continual_lora.registry import register_strategy
-from continual_lora.strategies.base import AdapterError, Strategy, TaskContext
+from continual_lora.sequence import Source
+from continual_lora.strategies.base import AdapterError, Strategy, TaskContext, new_data
+from continual_lora.strategies.replay import buffer_indices, replayed_sources
 
 
 class FullFtOptions(BaseModel):
@@ -18,6 +20,11 @@ class FullFtOptions(BaseModel):
     save_weights: bool = False
     """Save the whole fine-tuned backbone after every task (large); off: heads only, and the
     backbone after the last task."""
+    replay: bool = False
+    """Mix a buffer of every earlier task's data into each new task, as `replay` does for
+    LoRA (seed 004's fully-cooperative setting, full fine-tuning with old data)."""
+    buffer_size: int | None = Field(None, ge=1)
+    """With `replay`: examples kept per earlier task (a reservoir sample); null keeps all."""
 
 
 @register_strategy
@@ -37,6 +44,20 @@ class FullFtStrategy(Strategy):
             backbone = backbone.merge_and_unload()
         backbone.requires_grad_(True)
         ctx.family.set_backbone(backbone)
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.buffers: dict = {}  # with `replay`: task index → kept example indices
+
+    def sources(self, ctx: TaskContext) -> list[Source]:
+        if not self.options.replay:
+            return [new_data(ctx.task)]
+        return [new_data(ctx.task), *replayed_sources(ctx, self.buffers)]
+
+    def after_task(self, ctx: TaskContext) -> None:
+        if self.options.replay:
+            self.buffers[ctx.t] = buffer_indices(ctx.task, self.options.buffer_size, "reservoir",
+                                                 ctx.seed)
 
     def learning_rate(self, ctx: TaskContext) -> float:
         return self.options.lr

@@ -20,6 +20,12 @@ class LwfOptions(BaseModel):
     """Weight α of the distillation term (the incremental-LoRA study used 5)."""
     temperature: float = Field(2.0, gt=0)
     """Softmax temperature T of teacher and student; the term is scaled by T²."""
+    top_k: int = Field(32, ge=1)
+    """Causal LM: vocabulary entries of the teacher's distribution cached per token (the rest
+    is one bucket), so the cache is N_tokens × (8k + 4) bytes, not N_tokens × vocabulary."""
+    first_task: bool = False
+    """Causal LM: distil the base model on task 1's tokens too (protects what the base knew;
+    off: task 1 learns freely, as a classifier's task 1 has no old head)."""
 
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], alpha: float,
@@ -37,6 +43,49 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], 
         total = total + F.kl_div(log_p_student, log_p_teacher, reduction="batchmean",
                                  log_target=True)
     return alpha * temperature**2 * total
+
+
+def top_k_distillation_loss(student: torch.Tensor, teacher_index: torch.Tensor,
+                            teacher_logp: torch.Tensor, teacher_rest: torch.Tensor, alpha: float,
+                            temperature: float) -> torch.Tensor:
+    """α · T² · mean over tokens of KL(p_teacher ‖ p_student) on k+1 outcomes: the teacher's
+    top-k tokens and one bucket for every other token.
+
+    `student`: (N, V) logits; the teacher: per token, the indices (N, k) and log-probabilities
+    (N, k) at temperature T of its top-k tokens, and the log-probability of the rest (N,). The
+    student's distribution at temperature T is grouped the same way (its top-k entries at the
+    teacher's indices, the rest summed), so with k = V this is the full-vocabulary KL.
+    """
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    index = teacher_index.long()
+    q_top = log_q.gather(-1, index)
+    q_rest = log_q.scatter(-1, index, float("-inf")).logsumexp(-1)
+    p_top, p_rest = teacher_logp.float(), teacher_rest.float()
+    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
+    rest = p_rest.exp() * (p_rest - q_rest)
+    kl = kl + torch.where(torch.isfinite(p_rest), rest, torch.zeros_like(rest))
+    return alpha * temperature**2 * kl.mean()
+
+
+@dataclass
+class TokenCache:
+    """The teacher's top-k next-token distribution on every loss token of the task's training
+    examples (see `CausalLMFamily.token_top_k`)."""
+
+    offsets: torch.Tensor
+    indices: torch.Tensor
+    logp: torch.Tensor
+    rest: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.indices, self.logp, self.rest))
+
+    def rows(self, example_ids: torch.Tensor) -> torch.Tensor:
+        """Cache rows of the examples' tokens, examples in the given order."""
+        starts, ends = self.offsets[example_ids.cpu()], self.offsets[example_ids.cpu() + 1]
+        return torch.cat([torch.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(),
+                                                               strict=True)])
 
 
 @dataclass
@@ -69,6 +118,13 @@ class LwfStrategy(Strategy):
 
     The stream holds only task t's examples (the default `sources`), so every batch row's
     `example_ids` indexes task t's training split, and the cache.
+
+    Causal LM (no heads: the old output is the vocabulary): the term is the KL between the
+    teacher's and the student's next-token distributions on every loss token of task t's
+    examples (`top_k_distillation_loss`). The teacher's distribution is cached per token as its
+    top-k entries plus one bucket for the rest (`top_k`, default 32: about 260 bytes per
+    token), computed once in `before_task` like the heads' logits. From task 2 on, or from task
+    1 with `first_task` (the base model as teacher).
     """
 
     name = "lwf"
@@ -80,14 +136,29 @@ class LwfStrategy(Strategy):
         self.old_outputs: list[OldOutput] = []
         self.teacher: list[torch.Tensor] = []  # per old output: (n_train, n_columns) logits
         self._module = None  # the family's module (backbone + heads), whose heads we read
+        self.tokens: TokenCache | None = None  # causal LM: the teacher's top-k per token
 
     def before_task(self, ctx: TaskContext) -> None:
         ensure_adapter(ctx)
         self._module = ctx.family.module
+        if ctx.family.name == "causal_lm":
+            self.tokens = None
+            if ctx.t > 1 or self.options.first_task:
+                o = self.options
+                self.tokens = TokenCache(*ctx.family.token_top_k(
+                    ctx.task, o.top_k, o.temperature, ctx.run.train.eval_batch_size))
+            return
         self.old_outputs = self._old_outputs(ctx)
         self.teacher = self._teacher_logits(ctx) if self.old_outputs else []
 
     def extra_loss(self, batch, outputs: ForwardOutput) -> torch.Tensor | None:
+        if self.tokens is not None:
+            student = outputs.lm_logits[outputs.lm_targets != -100]  # row-major = cache order
+            rows = self.tokens.rows(batch["example_ids"])
+            device = student.device
+            return top_k_distillation_loss(
+                student, self.tokens.indices[rows].to(device), self.tokens.logp[rows].to(device),
+                self.tokens.rest[rows].to(device), self.options.alpha, self.options.temperature)
         if not self.old_outputs:
             return None
         ids = batch["example_ids"]
@@ -97,7 +168,7 @@ class LwfStrategy(Strategy):
 
     def after_task(self, ctx: TaskContext) -> None:
         # The next task's teacher is the model as it now stands: drop this one's outputs.
-        self.old_outputs, self.teacher = [], []
+        self.old_outputs, self.teacher, self.tokens = [], [], None
 
     # -- helpers -------------------------------------------------------------------------------
 

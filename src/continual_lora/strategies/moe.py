@@ -23,8 +23,10 @@ set. Routers:
 Weights (`top_k_weights`): keep the top-k scores, softmax(score / temperature) over them, zero
 elsewhere; with `top_k = 1` the chosen adapter gets weight exactly 1.
 
-The router embedding (our choice, the document leaves it open) is the classifier's own pooling
-of the base model's last hidden state (`pool_hidden`), L2-normalised.
+The router embedding (our choice, the document leaves it open) is the family's own pooling of
+the base model's last hidden state (`family.pool`: the classifier's pooling; a causal LM's mean
+over the prompt's tokens), L2-normalised. A causal LM answering a question keeps the route its
+prompt chose for every generated token (`pinned_routes`), so each question is routed once.
 
 Routing accuracy of task i = fraction of its held-out examples whose top-weighted adapter is
 task i's own, taken from the routing decisions of the scoring pass itself; reported per stage
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +61,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from continual_lora.config import ModelConfig
-from continual_lora.families.classifier import pool_hidden
 from continual_lora.registry import register_strategy
 from continual_lora.sequence import TaskData, reservoir_sample
 from continual_lora.strategies.base import Strategy, TaskContext, check_adapter_tensors
@@ -93,9 +93,9 @@ class MoeOptions(BaseModel):
 
 
 def router_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor,
-                     cfg: ModelConfig) -> torch.Tensor:
-    """What the router sees: the classifier's pooling of a hidden state, L2-normalised."""
-    return F.normalize(pool_hidden(hidden, attention_mask, cfg).float(), dim=-1)
+                     pool: Callable) -> torch.Tensor:
+    """What the router sees: the family's pooling of a hidden state, L2-normalised."""
+    return F.normalize(pool(hidden, attention_mask).float(), dim=-1)
 
 
 def cosine_scores(embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -167,57 +167,85 @@ def routing_accuracy(choices: torch.Tensor, own: int) -> float:
 class AdapterMixture(nn.Module):
     """Runs a PeftModel holding one adapter per task as a weighted mixture of its adapters.
 
-    With a `router`, each input's weights come from its base-model embedding; else all weight
-    goes to adapter `oracle` (None: the base model, adapters disabled). `choices` keeps, per
-    call, the top-weighted adapter index of each row (-1: the base model).
+    With a `router`, each input's weights come from its base-model embedding (`pool`: the
+    family's pooling of the last hidden state); else all weight goes to adapter `oracle`
+    (None: the base model, adapters disabled). The output is the weighted sum of the adapters'
+    first outputs (a classifier's hidden states, a causal LM's logits). `choices` keeps, per
+    routed call, the top-weighted adapter index of each row (-1: the base model).
     """
 
-    def __init__(self, peft_model: PeftModel, adapters: list[str], cfg: ModelConfig,
+    def __init__(self, peft_model: PeftModel, adapters: list[str], pool: Callable,
                  router: Router | None = None, oracle: int | None = None):
         super().__init__()
         self.peft = peft_model
         self.adapters = adapters
-        self.cfg = cfg
+        self.pool = pool
         self.router = router
         self.oracle = oracle
         self.choices: list[torch.Tensor] = []
+        self._pinning = False
+        self._pinned: torch.Tensor | None = None
 
-    def _hidden(self, adapter: str | None, input_ids, attention_mask) -> torch.Tensor:
-        """Last hidden state with one adapter set (None: the base model, adapters disabled)."""
+    @contextmanager
+    def pinned_routes(self) -> Iterator[None]:
+        """Within: the weights of the first call are kept for the following calls on the same
+        rows (token-by-token generation routes each answer once), until `release_routes`."""
+        self._pinning, self._pinned = True, None
+        try:
+            yield
+        finally:
+            self._pinning, self._pinned = False, None
+
+    def release_routes(self) -> None:
+        self._pinned = None
+
+    def _output(self, adapter: str | None, input_ids, attention_mask, **kwargs):
+        """The model's output with one adapter set (None: the base model, adapters disabled)."""
         if adapter is None:
             with self.peft.disable_adapter():
-                return self.peft(input_ids=input_ids, attention_mask=attention_mask)[0]
+                return self.peft(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         self.peft.set_adapter(adapter, inference_mode=True)
-        return self.peft(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.peft(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def _weights(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(n, m) weights on the inputs' device, and the base hidden state if it was computed."""
+    def _weights(self, input_ids, attention_mask, **kwargs
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, m) weights on the inputs' device, and the base output if it was computed."""
         if self.router is None:
             weights = torch.zeros(len(input_ids), len(self.adapters))
             if self.oracle is not None:
                 weights[:, self.oracle] = 1.0
             return weights.to(input_ids.device), None
-        base = self._hidden(None, input_ids, attention_mask)
-        embeddings = router_embedding(base, attention_mask, self.cfg)
-        return self.router.weights(embeddings).to(input_ids.device), base
+        out = self._output(None, input_ids, attention_mask, output_hidden_states=True, **kwargs)
+        embeddings = router_embedding(out.hidden_states[-1], attention_mask, self.pool)
+        return self.router.weights(embeddings).to(input_ids.device), out[0]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BaseModelOutput:
-        weights, base = self._weights(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                **kwargs) -> BaseModelOutput:
+        if self._pinned is not None:
+            weights, base = self._pinned, None
+        else:
+            weights, base = self._weights(input_ids, attention_mask, **kwargs)
+            routed = weights.sum(-1) > 0
+            self.choices.append(torch.where(routed, weights.argmax(-1), -1).cpu())
+            if self._pinning:
+                self._pinned = weights
         routed = weights.sum(-1) > 0
-        self.choices.append(torch.where(routed, weights.argmax(-1), -1).cpu())
         out = None
         for j, name in enumerate(self.adapters):
             rows = torch.nonzero(weights[:, j] > 0).squeeze(-1)
             if len(rows) == 0:
                 continue  # an adapter no row selected is not run at all
-            hidden = self._hidden(name, input_ids[rows], attention_mask[rows])
+            row_kwargs = {k: v[rows] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            first = self._output(name, input_ids[rows], attention_mask[rows], **row_kwargs)[0]
             if out is None:
-                out = hidden.new_zeros((len(input_ids), *hidden.shape[1:]))
-            out[rows] = out[rows] + weights[rows, j].view(-1, 1, 1).to(hidden.dtype) * hidden
+                out = first.new_zeros((len(input_ids), *first.shape[1:]))
+            scale = weights[rows, j].view(-1, *[1] * (first.dim() - 1)).to(first.dtype)
+            out[rows] = out[rows] + scale * first
         if not bool(routed.all()):
             if base is None:
-                base = self._hidden(None, input_ids, attention_mask)
-            out = base if out is None else torch.where(routed[:, None, None], out, base)
+                base = self._output(None, input_ids, attention_mask, **kwargs)[0]
+            keep = routed.view(-1, *[1] * (base.dim() - 1))
+            out = base if out is None else torch.where(keep, out, base)
         return BaseModelOutput(last_hidden_state=out)
 
 
@@ -259,7 +287,7 @@ class SavedMixture:
     @contextmanager
     def scoring(self, ctx, task: TaskData | None) -> Iterator[None]:
         own = task.index - 1 if task is not None and task.index <= len(self.adapters) else None
-        self.family.set_backbone(AdapterMixture(self.peft, self.adapters, self.family.cfg,
+        self.family.set_backbone(AdapterMixture(self.peft, self.adapters, self.family.pool,
                                                 self.router, oracle=own))
         try:
             yield
@@ -356,7 +384,7 @@ class MoeStrategy(Strategy):
         active = peft_model.active_adapter
         grads = {n: p.requires_grad for n, p in peft_model.named_parameters()}
         own = task.index - 1 if task is not None and task.index <= len(self.adapters) else None
-        mixture = AdapterMixture(peft_model, list(self.adapters), family.cfg, self.router(),
+        mixture = AdapterMixture(peft_model, list(self.adapters), family.pool, self.router(),
                                  oracle=own)
         family.set_backbone(mixture)
         try:
@@ -416,8 +444,8 @@ class MoeStrategy(Strategy):
             "temperature": None if o.router == "oracle" else self.temperature,
             "gate_hidden": o.gate_hidden if o.router == "learned" else None,
             "adapters": list(self.adapters), "tasks": [t.name for t in ctx.seen],
-            "embedding": "L2-normalised pooling (model.pooling) of the base model's last hidden "
-                         "state, adapters disabled",
+            "embedding": "L2-normalised pooling of the base model's last hidden state, adapters "
+                         "disabled (classifier: model.pooling; causal LM: mean over the prompt)",
             "weights": "softmax(score / temperature) over the top_k scores (cosine to the "
                        "prototypes, or gate logits); oracle: the task's own adapter",
             "parent_adapter_merged_into_base": self.parent_merged,

@@ -34,9 +34,7 @@ class ReplayStrategy(Strategy):
         self.buffers: dict[int, np.ndarray] = {}
 
     def sources(self, ctx: TaskContext) -> list[Source]:
-        replayed = [Source(old, self.buffers[old.index], old.repeats, old.weight, "replay")
-                    for old in ctx.previous]
-        return [new_data(ctx.task), *replayed]
+        return [new_data(ctx.task), *replayed_sources(ctx, self.buffers)]
 
     def adopt(self, ctx: TaskContext) -> None:
         """Every old task's data (what the user kept of it) becomes a buffer."""
@@ -47,11 +45,22 @@ class ReplayStrategy(Strategy):
         self._fill(ctx.task, ctx.seed)
 
     def _fill(self, task, seed: int) -> None:
-        size = self.options.buffer_size
-        n = len(task.train)
-        if size is None or size >= n:
-            self.buffers[task.index] = np.arange(n)
-        elif self.options.selection == "class_balanced":
-            self.buffers[task.index] = class_balanced_sample(task.train.labels, size, seed)
-        else:
-            self.buffers[task.index] = reservoir_sample(n, size, seed)
+        self.buffers[task.index] = buffer_indices(task, self.options.buffer_size,
+                                                  self.options.selection, seed)
+
+
+def buffer_indices(task, size: int | None, selection: str, seed: int) -> np.ndarray:
+    """The training examples of `task` kept for replay: all, or `size` of them drawn by
+    `selection` (reservoir or class-balanced)."""
+    n = len(task.train)
+    if size is None or size >= n:
+        return np.arange(n)
+    if selection == "class_balanced":
+        return class_balanced_sample(task.train.labels, size, seed)
+    return reservoir_sample(n, size, seed)
+
+
+def replayed_sources(ctx: TaskContext, buffers: dict[int, np.ndarray]) -> list[Source]:
+    """The buffer of every task before the current one, as replay sources of its stream."""
+    return [Source(old, buffers[old.index], old.repeats, old.weight, "replay")
+            for old in ctx.previous]

@@ -220,6 +220,11 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
         raise ConfigError("update runs in one process; `continual-lora run` trains in several "
                           "(torchrun / accelerate launch)")
     old = read_old_adapter(cfg.resolve_path(cfg.adapter))
+    if old.lineage and old.lineage["base_model"].get("family") == "causal_lm":
+        raise ConfigError(
+            f"adapter: {old.path} adapts a causal LM; `update` handles classifier adapters in "
+            "this version. Continue a causal-LM adapter with `continual-lora run` and "
+            "`lora.init_adapter: PATH` (every strategy, with replay of old data if you have it)")
     tasks, probe_tasks = load_tasks(cfg, old.head_tasks)
     new = tasks[-1]
     has_old_data = any(len(t.train) > 0 for t in tasks[:-1])
