@@ -25,13 +25,13 @@ def knowledge_bench(tmp_path_factory):
                         "options": {"lr": 5e-4, "replay": True}}],
         "include_joint": False,
         "run": {"model": {"family": "causal_lm", "max_length": 64}, "lora": {"r": 8},
-                "train": {"lr": 5e-3, "batch_size": 16, "epochs": 40, "warmup_ratio": 0.05},
+                "train": {"lr": 5e-3, "batch_size": 16, "epochs": 80, "warmup_ratio": 0.05},
                 "upstream": {"kind": "general_text", "size": 200},
                 "tasks": [{"name": "r1-hypernym", "facts": 1, "facts_per_round": 20},
                           {"name": "r2-synonym", "facts": 2, "facts_per_round": 20}],
                 "output_dir": str(out)}})
     bench_dir, results = run_bench(cfg, echo=lambda _: None)
-    return bench_dir, {r.metrics["label"]: r for r in results}
+    return bench_dir, {r.run_dir.name: r for r in results}
 
 
 def test_rounds_are_learned_and_measured(knowledge_bench):
