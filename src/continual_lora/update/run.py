@@ -263,8 +263,9 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
     for task in tasks[:-1]:  # old data that no saved head covers: a frozen prototype head
         if task.index > len(old.head_tasks):
             family.begin_task(task, tasks, [], [])
+    # `auto` is a classifier's own probe here: update trains classifier adapters only
     upstream = wordnet_upstream(cfg.upstream.size)[0] \
-        if cfg.upstream.kind == "wordnet_retrieval" else None
+        if cfg.upstream.kind in ("auto", "wordnet_retrieval") else None
 
     # The sizes that the recipe scales with, then the defaults.
     n_new = len(new.train)
