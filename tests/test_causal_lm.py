@@ -89,6 +89,21 @@ def test_chat_template_is_used_and_only_assistant_turns_learn(family):
     assert tok.decode(learned, skip_special_tokens=False) == "hello<|end|>\nok<|end|>\n"
 
 
+def test_question_answer_as_chat_is_the_one_turn_conversation(family):
+    family.cfg.chat_template = True
+    try:
+        as_qa = family.encode({"question": "What is a dog?", "answer": "an animal"})
+        prompt, answer = family.prompt_and_answer({"question": "What is a dog?", "answer": "x"})
+    finally:
+        family.cfg.chat_template = False
+    messages = [{"role": "user", "content": "What is a dog?"},
+                {"role": "assistant", "content": "an animal"}]
+    assert as_qa == family.encode({"messages": messages})
+    tok = family.tokenizer
+    assert tok.decode(prompt, skip_special_tokens=False) == "<|user|>\nWhat is a dog?<|end|>\n" \
+        "<|assistant|>\n"
+
+
 def test_pack_rows_fills_rows_in_order(family):
     assert pack_rows([3, 4, 2, 5], 8) == [[0, 1], [2, 3]]
     assert pack_rows([9, 1], 8) == [[0], [1]]

@@ -28,7 +28,6 @@ import numpy as np
 
 from continual_lora.config import ConfigError, RunConfig, TaskConfig
 from continual_lora.sequence import (
-    FILE_FORMATS,
     Split,
     TaskData,
     TextProbe,
@@ -36,6 +35,7 @@ from continual_lora.sequence import (
     _sha256,
     _texts_hash,
     inside_data_dir,
+    load_table,
 )
 
 FORMAT_COLUMNS = {  # in the order `auto` tries them
@@ -47,28 +47,8 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def read_rows(path: Path, what: str) -> list[dict]:
-    """Rows of a data file as dicts, through `datasets`; errors name the file."""
-    if not path.is_file():
-        raise ConfigError(f"{what}: data file not found: {path}")
-    fmt = FILE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ConfigError(f"{what}: {path.name}: unsupported file type {path.suffix!r}; use one "
-                          f"of {', '.join(sorted(FILE_FORMATS))}")
-    if fmt in ("csv", "json"):
-        with path.open("rb") as fh:
-            lines = sum(1 for line in fh if line.strip())
-        if lines <= (1 if fmt == "csv" else 0):
-            raise ConfigError(f"{what}: {path} holds no examples")
-    from datasets import load_dataset
-
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    try:
-        table = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
-    except Exception as exc:  # datasets raises many types for malformed files
-        raise ConfigError(f"{what}: could not read {path}: {exc}") from None
-    if len(table) == 0:
-        raise ConfigError(f"{what}: {path} holds no examples")
-    return table.to_list()
+    """Rows of a data file as dicts (`sequence.load_table`); errors name the file."""
+    return load_table(path, what).to_list()
 
 
 def detect_format(columns: list[str], cfg: TaskConfig, path: Path, what: str) -> str:

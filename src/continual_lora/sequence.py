@@ -92,8 +92,9 @@ def _texts_hash(texts: list[str], labels: list[str]) -> str:
     return digest.hexdigest()
 
 
-def read_table(path: Path, text_column: str, label_column: str, what: str) -> tuple[list, list]:
-    """Read (texts, raw labels) from a data file through `datasets`; errors name file and column."""
+def load_table(path: Path, what: str):
+    """A data file (CSV, TSV, JSON lines, JSON or Parquet) as a `datasets` table with at least
+    one row; a missing, unsupported, empty or malformed file is a ConfigError naming it."""
     if not path.is_file():
         raise ConfigError(f"{what}: data file not found: {path}")
     fmt = FILE_FORMATS.get(path.suffix.lower())
@@ -114,14 +115,20 @@ def read_table(path: Path, text_column: str, label_column: str, what: str) -> tu
         table = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for malformed files
         raise ConfigError(f"{what}: could not read {path}: {exc}") from None
+    if len(table) == 0:
+        raise ConfigError(f"{what}: {path} holds no examples")
+    return table
+
+
+def read_table(path: Path, text_column: str, label_column: str, what: str) -> tuple[list, list]:
+    """Read (texts, raw labels) from a data file through `datasets`; errors name file and column."""
+    table = load_table(path, what)
     for column in (text_column, label_column):
         if column not in table.column_names:
             raise ConfigError(
                 f"{what}: {path.name} has no column {column!r}; its columns are "
                 f"{table.column_names}. Set `text_column`/`label_column` in the task."
             )
-    if len(table) == 0:
-        raise ConfigError(f"{what}: {path} holds no examples")
     texts = [str(t) if t is not None else "" for t in table[text_column]]
     labels = table[label_column]
     if any(label is None for label in labels):

@@ -64,26 +64,44 @@ class ForwardOutput:
 
 
 class ModelFamily(ABC):
-    """Base of model families. Subclasses implement every abstract method."""
+    """Base of model families. Subclasses implement every abstract method; `load` sets
+    `module` (whose `.backbone` is what PEFT wraps), `device` and `_fingerprint`."""
 
     name: str = ""
 
-    #: The module PEFT wraps (a plain model, or a PeftModel once an adapter is attached).
-    backbone: nn.Module
     #: The trainable module handed to the optimizer and to accelerate (backbone + task parts).
     module: nn.Module
+    device: torch.device
+    _fingerprint: str
 
     @abstractmethod
     def load(self) -> None:
         """Load the base model (frozen) and its tokenizer/processor."""
 
     @abstractmethod
+    def _load_backbone(self) -> nn.Module:
+        """The base model as stored, frozen."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The module PEFT wraps (a plain model, or a PeftModel once an adapter is attached)."""
+        return self.module.backbone
+
     def fresh_backbone(self) -> nn.Module:
         """A new, unmodified copy of the base model (for `joint` resets and adapter exports)."""
+        return self._load_backbone().to(self.device)
 
-    @abstractmethod
     def set_backbone(self, backbone: nn.Module) -> None:
         """Replace the backbone (after attaching, merging or resetting an adapter)."""
+        self.module.backbone = backbone.to(self.device)
+
+    def to(self, device: torch.device) -> None:
+        self.device = device
+        self.module.to(device)
+
+    def fingerprint(self) -> str:
+        """A stable identity of the base weights (`common.fingerprint_module`)."""
+        return self._fingerprint
 
     @abstractmethod
     def begin_task(self, task: TaskData, tasks: list[TaskData], trainable_tasks: list[int],
@@ -124,6 +142,3 @@ class ModelFamily(ABC):
     def load_saved_backbone(self, folder: Path) -> nn.Module:
         """A full model saved by `save_pretrained` (full fine-tuning's `model/` folder)."""
 
-    def fingerprint(self) -> str:
-        """A stable identity of the base weights (see `checkpoint.fingerprint_module`)."""
-        raise NotImplementedError

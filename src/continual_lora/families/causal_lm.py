@@ -7,8 +7,8 @@ Examples become token ids and a loss mask (`encode`):
 
     text                ids(text) + eos                      loss on every token
     prompt_completion   ids(prompt) + ids(completion) + eos  loss on completion + eos
-    qa                  as prompt_completion with prompt = `qa_template` (or the chat template
-                        when `model.chat_template`) and completion ` {answer}`
+    qa                  as prompt_completion with prompt = `qa_template` and completion
+                        ` {answer}`; with `model.chat_template`, a user/assistant chat
     chat                the tokenizer's chat template        loss on each assistant turn
 
 A chat's assistant turns are found by rendering the conversation up to each turn twice, with the
@@ -144,7 +144,7 @@ class CausalLMFamily(ModelFamily):
         self._token_cache: dict[tuple, list[tuple[list[int], list[int]]]] = {}
         self._tasks: dict[int, TaskData] = {}
         self.device = torch.device("cpu")
-        self.accelerator = None  # set by the runner (scoring is not sharded: see the note)
+        self.accelerator = None  # set by the runner; each process scores everything (unsharded)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -163,27 +163,10 @@ class CausalLMFamily(ModelFamily):
         self._fingerprint = fingerprint_module(backbone)
         self.module = CausalLMModule(backbone)
 
-    def fresh_backbone(self) -> nn.Module:
-        return self._load_backbone().to(self.device)
-
     def load_saved_backbone(self, folder: Path) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(str(folder)).to(self.device)
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def backbone(self) -> nn.Module:  # type: ignore[override]
-        return self.module.backbone
-
-    def set_backbone(self, backbone: nn.Module) -> None:
-        self.module.backbone = backbone.to(self.device)
-
-    def to(self, device: torch.device) -> None:
-        self.device = device
-        self.module.to(device)
 
     @property
     def pad_id(self) -> int:
@@ -222,6 +205,9 @@ class CausalLMFamily(ModelFamily):
         """(token ids, loss mask) of one example, truncated to `max_length` (keeping the start);
         loss_mask[j] = 1 when token j is to be predicted."""
         eos = self.tokenizer.eos_token_id
+        if "question" in record and self.cfg.chat_template:  # a one-turn chat, learned as one
+            record = {"messages": [{"role": "user", "content": record["question"]},
+                                   {"role": "assistant", "content": record["answer"]}]}
         if "text" in record:
             ids = self._ids(record["text"], True) + [eos]
             mask = [0] + [1] * (len(ids) - 1)
@@ -230,8 +216,6 @@ class CausalLMFamily(ModelFamily):
         else:
             prompt, answer = self.prompt_and_answer(record)
             completion = answer if "prompt" in record else " " + answer
-            if "question" in record and self.cfg.chat_template:
-                completion = answer
             tail = self._ids(completion, False) + [eos]
             ids, mask = prompt + tail, [0] * len(prompt) + [1] * len(tail)
         return ids[: self.cfg.max_length], mask[: self.cfg.max_length]

@@ -124,23 +124,6 @@ class ClassifierFamily(ModelFamily):
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return pool_hidden(hidden, attention_mask, self.cfg)
 
-    def fresh_backbone(self) -> nn.Module:
-        return self._load_backbone().to(self.device)
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    @property
-    def backbone(self) -> nn.Module:  # type: ignore[override]
-        return self.module.backbone
-
-    def set_backbone(self, backbone: nn.Module) -> None:
-        self.module.backbone = backbone.to(self.device)
-
-    def to(self, device: torch.device) -> None:
-        self.device = device
-        self.module.to(device)
-
     # -- data ----------------------------------------------------------------------------------
 
     def _tokens(self, task: TaskData, split: str) -> list[list[int]]:
