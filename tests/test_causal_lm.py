@@ -264,9 +264,10 @@ def _jsonl(path, rows):
 
 @pytest.mark.parametrize("change, message", [
     ({"tasks": [{"name": "a", "wordnet": ["noun.animal", "noun.plant"]}]},
-     "built-in category tasks are for classifiers"),
+     r"wordnet: not a data source of a causal_lm model; it takes train, facts"),
     ({"upstream": {"kind": "text_file"}}, "upstream.file is needed"),
-    ({"upstream": {"kind": "wordnet_retrieval"}}, "scores a classifier"),
+    ({"upstream": {"kind": "wordnet_retrieval"}},
+     "'wordnet_retrieval' does not score a causal_lm model; use general_text or text_file"),
     ({"tasks": [{"name": "a", "facts": 1, "scorer": "accuracy"}]}, "exact_match or perplexity"),
 ])
 def test_config_errors_name_the_field(tiny_llama, tmp_path, change, message):
@@ -277,7 +278,7 @@ def test_config_errors_name_the_field(tiny_llama, tmp_path, change, message):
 
 
 def test_classifier_refuses_lm_only_settings(tiny_bert):
-    with pytest.raises(ConfigError, match="built-in facts are for model.family causal_lm"):
+    with pytest.raises(ConfigError, match="facts: not a data source of a classifier model"):
         load_run_config(None, data={"model": {"name_or_path": str(tiny_bert)},
                                     "tasks": [{"name": "a", "facts": 1}]})
 

@@ -44,6 +44,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    # diffusers denoisers (no `model_type`: keyed by class): the attention projections, as
+    # diffusers' and kohya's LoRA scripts default to.
+    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
 }
 # Tried in order when the architecture is not in the table.
 FALLBACK_TARGETS = [["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"], ["qkv"]]
@@ -73,7 +76,8 @@ def resolve_targets(model: nn.Module, requested: list[str] | None) -> list[str]:
                 f"candidates: {candidate_modules(model)}"
             )
         return list(requested)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = (getattr(getattr(model, "config", None), "model_type", None)
+                  or type(model).__name__)
     defaults = DEFAULT_TARGETS.get(model_type)
     if defaults and all(_matches(model, t) for t in defaults):
         return list(defaults)

@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LM = "embedded:wordnet-llama"
-EMBEDDED_MODELS = {"classifier": EMBEDDED_MODEL, "causal_lm": EMBEDDED_LM}
+EMBEDDED_DIFFUSION = "embedded:silhouette-diffusion"
+EMBEDDED_MODELS = {"classifier": EMBEDDED_MODEL, "causal_lm": EMBEDDED_LM,
+                   "diffusion": EMBEDDED_DIFFUSION}
 
 
 class ConfigError(ValueError):
@@ -36,13 +38,16 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    family: Literal["classifier", "causal_lm"] = "classifier"
-    """Model family: `classifier` (text encoders with classification heads) or `causal_lm`
-    (any transformers causal LM: Llama, Qwen, Mistral, GPT-2, SmolLM ...)."""
+    family: Literal["classifier", "causal_lm", "diffusion"] = "classifier"
+    """Model family: `classifier` (text encoders with classification heads), `causal_lm`
+    (any transformers causal LM: Llama, Qwen, Mistral, GPT-2, SmolLM ...) or `diffusion` (a
+    diffusers Stable Diffusion 1.x / SDXL pipeline; LoRA on the UNet)."""
     name_or_path: str = ""
     """Hub id or local folder of the base model; empty: the family's offline default
     (`embedded:all-MiniLM-L6-v2` for classifiers, `embedded:wordnet-llama` for causal LMs, a
-    small Llama pretrained in-process on WordNet text and cached)."""
+    small Llama pretrained in-process on WordNet text and cached; `embedded:silhouette-diffusion`
+    for diffusion, a small latent diffusion model pretrained in-process on animal silhouettes
+    and digits and cached)."""
     head: Literal["per_task", "shared"] = "per_task"
     """Classifier: `per_task`: one head per task, frozen after it (task-incremental); `shared`:
     one head over all classes seen so far (class-incremental)."""
@@ -73,6 +78,21 @@ class ModelConfig(Strict):
     max_new_tokens: int = Field(24, ge=1, le=4096)
     """Causal LM: tokens generated (greedy) per question when answers are scored by exact
     match."""
+    image_size: int | None = Field(None, ge=8, le=4096)
+    """Diffusion: training and sampling resolution in pixels (images are resized on the
+    shorter side and centre-cropped); default: the pipeline's native size."""
+    dino: str | None = None
+    """Diffusion: a DINO image model (local folder or hub id, e.g. facebook/dino-vits16) to
+    score samples against reference images (seed 003's DINO score)."""
+    clip: str | None = None
+    """Diffusion: a CLIP model (local folder or hub id, e.g. openai/clip-vit-base-patch32) for
+    CLIP-I (image-image) and CLIP-T (prompt fidelity) scores."""
+    inference_steps: int = Field(25, ge=1, le=1000)
+    """Diffusion: DDIM sampling steps of the fixed-seed sample images."""
+    guidance_scale: float = Field(5.0, ge=1.0, le=50.0)
+    """Diffusion: classifier-free guidance scale of the sample images (1: no guidance)."""
+    samples_per_prompt: int = Field(4, ge=1, le=64)
+    """Diffusion: sample images per evaluation prompt (seeds 0..N-1), at every stage."""
 
     @model_validator(mode="after")
     def _default_model(self) -> ModelConfig:
@@ -164,14 +184,44 @@ class TaskConfig(Strict):
     is the same facts: the score is how many of them the model recalls."""
     facts_per_round: int = Field(100, ge=1, le=2000)
     """Built-in facts only: facts per round."""
+    images: str | None = None
+    """Diffusion: a folder of images with a caption file beside each (`img.png` +
+    `img.txt`), or a kohya `train_data_dir` whose subfolders are named `<repeats>_<tokens>`."""
+    dataset_config: str | None = None
+    """Diffusion: a kohya sd-scripts dataset config (TOML: `[[datasets.subsets]]` with
+    `image_dir`, `num_repeats`, `caption_extension`, `class_tokens`, `is_reg`)."""
+    concept: str | None = None
+    """Diffusion, built-in data: one class of the embedded images (`giraffe`, `seven`, ...) as
+    a new concept (embedded model only)."""
+    instance_prompt: str | None = None
+    """Diffusion: the caption of images without a caption file (DreamBooth's instance
+    prompt, e.g. `a photo of sks dog`); built-in concepts: `a silhouette of a <concept>`."""
+    prompts: list[str] | None = None
+    """Diffusion: prompts of the fixed-seed evaluation samples; default: the instance prompt
+    (or the most frequent caption)."""
+    eval_images: str | None = None
+    """Diffusion: reference images the samples are compared with; default: the training
+    images (as DreamBooth's DINO and CLIP-I scores do)."""
+    class_prompt: str | None = None
+    """Diffusion: prior preservation's class prompt (`a photo of a dog`): `prior_images`
+    images are sampled from the model as it is before the task and trained on with
+    `prior_weight` (DreamBooth)."""
+    prior_images: int = Field(0, ge=0, le=10000)
+    """Diffusion: number of prior-preservation images (0: off)."""
+    prior_weight: float = Field(1.0, ge=0)
+    """Diffusion: loss weight of the prior-preservation images (and of `is_reg` subsets)."""
     format: Literal["auto", "text", "prompt_completion", "chat", "qa"] = "auto"
     """Causal LM: how examples are read: `text` (column `text_column`), `prompt_completion`
     (`prompt`, `completion`), `chat` (`messages`: a list of {role, content}), `qa`
     (`question`, `answer`); `auto` picks the one whose columns the file has."""
-    scorer: Literal["auto", "accuracy", "exact_match", "perplexity"] = "auto"
+    scorer: Literal["auto", "accuracy", "exact_match", "perplexity", "dino", "clip_i",
+                    "silhouette"] = "auto"
     """How the held-out split is scored: classifier `accuracy`; causal LM `exact_match` of
-    greedy answers (normalised) or `perplexity` of the held-out tokens; `auto`: accuracy for a
-    classifier, exact match for `qa` tasks, perplexity otherwise."""
+    greedy answers (normalised) or `perplexity` of the held-out tokens; diffusion: the mean
+    cosine similarity of fixed-seed samples to the reference images under `dino`, `clip_i`,
+    or `silhouette` (the embedded model's stand-in encoder); `auto`: accuracy for a
+    classifier, exact match for `qa` tasks, perplexity otherwise; diffusion: dino, else clip_i,
+    else silhouette for the embedded model."""
     text_column: str = "text"
     """Column holding the input text."""
     label_column: str = "label"
@@ -192,13 +242,18 @@ class TaskConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
         files = self.train is not None or self.eval is not None
-        built_in = [k for k in ("wordnet", "facts") if getattr(self, k) is not None]
+        built_in = [k for k in ("wordnet", "facts", "images", "dataset_config", "concept")
+                    if getattr(self, k) is not None]
         if (files and built_in) or len(built_in) > 1:
-            raise ValueError("give one data source: `train`+`eval` files, `wordnet` categories "
-                             "or `facts`")
+            raise ValueError("give one data source: `train`+`eval` files, `wordnet` categories, "
+                             "`facts`, `images`, `dataset_config` or `concept`")
         if not files and not built_in:
             raise ValueError("a task needs `train` and `eval` files, `wordnet` categories "
-                             "(classifier) or `facts` (causal LM)")
+                             "(classifier), `facts` (causal LM), or `images`, "
+                             "`dataset_config` or `concept` (diffusion)")
+        if self.prior_images and not self.class_prompt:
+            raise ValueError("prior_images needs class_prompt (the prompt the prior images are "
+                             "sampled with)")
         if files and (self.train is None or self.eval is None):
             missing = "eval" if self.eval is None else "train"
             raise ValueError(f"`{missing}` is missing: a task needs both a train and a held-out "
@@ -209,17 +264,22 @@ class TaskConfig(Strict):
 
 
 class UpstreamConfig(Strict):
-    kind: Literal["auto", "wordnet_retrieval", "general_text", "text_file", "none"] = "auto"
+    kind: Literal["auto", "wordnet_retrieval", "general_text", "text_file", "concepts",
+                  "sample_drift", "none"] = "auto"
     """Upstream probe, what the base could do before training: `wordnet_retrieval` (classifier:
     find a gloss's word among candidates by embedding similarity, no head involved),
     `general_text` (causal LM: perplexity on held-out general text shipped with the package),
-    `text_file` (causal LM: perplexity on `file`), `none`; `auto`: the family's built-in
-    probe."""
+    `text_file` (causal LM: perplexity on `file`), `concepts` (embedded diffusion model: samples
+    of its pretraining classes against their real images), `sample_drift` (diffusion: samples
+    of `prompts` against the starting model's samples at the same seeds), `none`; `auto`: the
+    family's built-in probe."""
     size: int = Field(500, ge=10)
     """Number of gloss/word pairs, or of general-text documents."""
     file: str | None = None
     """`text_file` only: a file of general text (column `text`) the base model is good at,
     relative to the config file (a sample of its pretraining-like data)."""
+    prompts: list[str] | None = None
+    """Diffusion `sample_drift`: the prompts (default: a few generic ones)."""
 
 
 class StrategyConfig(Strict):
@@ -231,6 +291,21 @@ class StrategyConfig(Strict):
     replay)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Strategy options, validated by the strategy's own schema."""
+
+
+# What each model family accepts: task data sources, scorers, upstream probes (first: default).
+ALL_SOURCES = ("train", "wordnet", "facts", "images", "dataset_config", "concept")
+FAMILY_FITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "classifier": {"sources": ("train", "wordnet"), "scorers": ("accuracy",),
+                   "upstream": ("wordnet_retrieval",)},
+    "causal_lm": {"sources": ("train", "facts"), "scorers": ("exact_match", "perplexity"),
+                  "upstream": ("general_text", "text_file")},
+    "diffusion": {"sources": ("images", "dataset_config", "concept"),
+                  "scorers": ("dino", "clip_i", "silhouette"),
+                  "upstream": ("concepts", "sample_drift")},
+}
+DIFFUSION_ONLY = ("instance_prompt", "prompts", "eval_images", "class_prompt", "prior_images",
+                  "prior_weight")
 
 
 class RunConfig(Strict):
@@ -265,33 +340,46 @@ class RunConfig(Strict):
     def _fits_family(self) -> RunConfig:
         """Data sources, scorers and probes that the model family cannot use are errors."""
         family, up = self.model.family, self.upstream
-        lm = family == "causal_lm"
+        fits = FAMILY_FITS[family]
         if up.kind == "auto":
-            object.__setattr__(up, "kind", "general_text" if lm else "wordnet_retrieval")
-        if up.kind in ("general_text", "text_file") and not lm:
-            raise ValueError(f"upstream.kind {up.kind!r} scores a causal LM; a classifier uses "
-                             "wordnet_retrieval or none")
-        if up.kind == "wordnet_retrieval" and lm:
-            raise ValueError("upstream.kind 'wordnet_retrieval' scores a classifier; a causal LM "
-                             "uses general_text, text_file or none")
+            kind = fits["upstream"][0]
+            if family == "diffusion" and self.model.name_or_path != EMBEDDED_DIFFUSION:
+                kind = "sample_drift"  # only the embedded model has real images of its classes
+            object.__setattr__(up, "kind", kind)
+        if up.kind != "none" and up.kind not in fits["upstream"]:
+            raise ValueError(f"upstream.kind {up.kind!r} does not score a {family} model; use "
+                             f"{' or '.join(fits['upstream'])}, or none")
+        if up.kind == "concepts" and self.model.name_or_path != EMBEDDED_DIFFUSION:
+            raise ValueError("upstream.kind 'concepts' needs the embedded diffusion model (it "
+                             "knows its pretraining classes); use sample_drift")
         if (up.kind == "text_file") != (up.file is not None):
             raise ValueError("upstream.file is needed by, and only by, upstream.kind text_file")
+        if up.prompts is not None and up.kind != "sample_drift":
+            raise ValueError("upstream.prompts is used by upstream.kind sample_drift only")
         for i, task in enumerate(self.tasks):
             where = f"tasks.{i} ({task.name})"
-            if lm and task.wordnet is not None:
-                raise ValueError(f"{where}.wordnet: built-in category tasks are for classifiers; "
-                                 "a causal LM takes files or `facts`")
-            if not lm and task.facts is not None:
-                raise ValueError(f"{where}.facts: built-in facts are for model.family causal_lm")
-            if lm and task.scorer == "accuracy":
-                raise ValueError(f"{where}.scorer: a causal LM is scored by exact_match or "
-                                 "perplexity")
-            if not lm and task.scorer in ("exact_match", "perplexity"):
-                raise ValueError(f"{where}.scorer {task.scorer!r} is for causal LMs; a "
-                                 "classifier is scored by accuracy")
-            if not lm and task.format != "auto":
-                raise ValueError(f"{where}.format is for causal LMs; a classifier reads "
-                                 "text_column and label_column")
+            sources = [k for k in ALL_SOURCES if getattr(task, k) is not None]
+            wrong = [k for k in sources if k not in fits["sources"]]
+            if wrong:
+                raise ValueError(f"{where}.{wrong[0]}: not a data source of a {family} model; it "
+                                 f"takes {', '.join(fits['sources'])}")
+            if task.scorer != "auto" and task.scorer not in fits["scorers"]:
+                raise ValueError(f"{where}.scorer {task.scorer!r} does not score a {family} "
+                                 f"model; use {' or '.join(fits['scorers'])}")
+            if family != "causal_lm" and task.format != "auto":
+                raise ValueError(f"{where}.format is for causal LMs; a {family} model reads "
+                                 "its own columns")
+            used = [k for k in DIFFUSION_ONLY if k in task.model_fields_set]
+            if family != "diffusion" and used:
+                raise ValueError(f"{where}.{used[0]} is for model.family diffusion")
+            if task.concept is not None and self.model.name_or_path != EMBEDDED_DIFFUSION:
+                raise ValueError(f"{where}.concept: built-in concepts are classes of the embedded "
+                                 "images, for the embedded diffusion model; give `images` or "
+                                 "`dataset_config`")
+            if family == "diffusion" and task.scorer == "silhouette" and \
+                    self.model.name_or_path != EMBEDDED_DIFFUSION:
+                raise ValueError(f"{where}.scorer 'silhouette' is the embedded model's stand-in "
+                                 "encoder; set model.dino or model.clip and use dino or clip_i")
         return self
 
     @field_validator("tasks")

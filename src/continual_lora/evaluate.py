@@ -57,6 +57,7 @@ def load_stage(run_dir: Path, stage: int | None = None):
     tasks, probe = load_sequence(cfg)
     family = make_family(cfg.model, cfg.seed)
     family.load()
+    family.attach_sequence(tasks, probe)
     scorer = None  # what score_row enters around each task (moe: the mixture)
     if (stage_dir / "adapter" / "router.json").is_file():
         from continual_lora.strategies.moe import SavedMixture

@@ -170,6 +170,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     family.load()
     family.to(accelerator.device)
     family.accelerator = accelerator
+    family.attach_sequence(tasks, probe)
     lora_config = None
     if strategy.uses_lora:
         targets = resolve_targets(family.backbone, cfg.lora.target_modules)
@@ -233,6 +234,8 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
         if row0 is None:
             row0 = score_row(family, tasks, probe, 0, cfg.train.eval_batch_size, strategy)
         rows = [row0]
+        if main:
+            _write_media(run_dir, family, 0, echo)
         log({"event": "eval", "stage": 0, "scores": row0.scores, "upstream": row0.upstream})
         echo(_row_line(0, "before training", row0))
     done = progress.stages_done if progress is not None else 0
@@ -293,6 +296,7 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
         facts = stage_facts(task.index, task.name, plan[-1], cfg.train, cfg.seed,
                             [t.name for t in tasks], row.scores, row.upstream)
         if main:
+            _write_media(run_dir, family, task.index, echo)
             _save_stage(ctx, strategy, stage_dir, stage_lineage, facts)
             write_json_atomic(run_dir / "plan.json", plan)
             _write_predictions(run_dir, tasks, rows)
@@ -328,6 +332,13 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
 
 
 # -- writing the run folder -----------------------------------------------------------------------
+
+
+def _write_media(run_dir: Path, family, stage: int, echo) -> None:
+    """The family's pictures of a stage (diffusion: the fixed-seed sample grid) in `samples/`."""
+    path = family.write_stage_media(run_dir / "samples", stage)
+    if path is not None:
+        echo(f"  samples: {path}")
 
 
 def _save_stage(ctx: TaskContext, strategy, stage_dir: Path,

@@ -51,7 +51,11 @@ class TaskData:
     repeats: int = 1
     weight: float | None = None
     manifest: dict = field(default_factory=dict)
-    scorer: str = "accuracy"  # "accuracy", "exact_match" or "perplexity"
+    scorer: str = "accuracy"  # "accuracy", "exact_match", "perplexity" or an image similarity
+    #: diffusion: the images samples are compared with (`image_data.ImageRecord`s)
+    references: list | None = None
+    #: diffusion: prior preservation ({"class_prompt", "images", "weight"}) when asked for
+    prior: dict | None = None
 
 
 @dataclass
@@ -261,6 +265,10 @@ def load_sequence(run: RunConfig) -> tuple[list[TaskData], RetrievalProbe | Text
         from continual_lora.lm_data import load_lm_sequence
 
         return load_lm_sequence(run)
+    if run.model.family == "diffusion":
+        from continual_lora.diffusion_data import load_diffusion_sequence
+
+        return load_diffusion_sequence(run)
     probe, exclude = None, set()
     if run.upstream.kind == "wordnet_retrieval":
         probe, exclude = wordnet_upstream(run.upstream.size)

@@ -7,6 +7,10 @@ from continual_lora.config import ModelConfig
 
 def make_family(cfg: ModelConfig, seed: int = 0):
     """The family of `cfg.family`, not loaded yet (call `.load()`)."""
+    if cfg.family == "diffusion":
+        from continual_lora.families.diffusion import DiffusionFamily
+
+        return DiffusionFamily(cfg, seed)
     if cfg.family == "causal_lm":
         from continual_lora.families.causal_lm import CausalLMFamily
 

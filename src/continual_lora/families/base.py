@@ -7,7 +7,7 @@ A *family* is the glue between the engine (trainer, strategies, run folder) and 
     classifier         transformers encoder (BERT,    a classification      accuracy on held-out
                        ViT, ...)                      head per task/shared  labels
     causal_lm          transformers causal LM         none (shared vocab)   exact match / perplexity
-    diffusion (later)  diffusers UNet / transformer   instance token        image similarity
+    diffusion          diffusers UNet (SD 1.x, SDXL)  none (captions)       image similarity
 
 The engine only talks to a family through the methods below. Adapter operations are the same for
 every family because they act on `backbone`, the module PEFT wraps; what differs is how data
@@ -61,6 +61,8 @@ class ForwardOutput:
     #: causal LM: next-token logits (rows × positions × vocab) and their targets (-100: no loss)
     lm_logits: torch.Tensor | None = None
     lm_targets: torch.Tensor | None = None
+    #: diffusion: the denoiser's prediction (ε or v) for the batch's noisy latents
+    prediction: torch.Tensor | None = None
 
 
 class ModelFamily(ABC):
@@ -141,4 +143,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_saved_backbone(self, folder: Path) -> nn.Module:
         """A full model saved by `save_pretrained` (full fine-tuning's `model/` folder)."""
+
+    def attach_sequence(self, tasks: list[TaskData], probe: Any) -> None:  # noqa: B027
+        """Told every task and the probe before row 0 (a family that scores a task against
+        the others needs them); nothing by default."""
+
+    def write_stage_media(self, folder: Path, stage: int) -> Path | None:
+        """Write what a stage's scoring produced for people to look at (sample grids) under
+        `folder`; returns the file, or None when the family has nothing to show."""
+        return None
 

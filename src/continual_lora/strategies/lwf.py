@@ -24,8 +24,11 @@ class LwfOptions(BaseModel):
     """Causal LM: vocabulary entries of the teacher's distribution cached per token (the rest
     is one bucket), so the cache is N_tokens × (8k + 4) bytes, not N_tokens × vocabulary."""
     first_task: bool = False
-    """Causal LM: distil the base model on task 1's tokens too (protects what the base knew;
-    off: task 1 learns freely, as a classifier's task 1 has no old head)."""
+    """Causal LM and diffusion: distil the base model on task 1's data too (protects what the
+    base knew; off: task 1 learns freely, as a classifier's task 1 has no old head)."""
+    draws: int = Field(2, ge=1, le=64)
+    """Diffusion: fixed (noise, timestep) draws per training image on which the teacher's
+    prediction is cached."""
 
 
 def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], alpha: float,
@@ -89,6 +92,59 @@ class TokenCache:
 
 
 @dataclass
+class DenoiserCache:
+    """Diffusion's output preservation: for every training example of the task, `draws` fixed
+    (noisy latent, timestep) pairs and the teacher's prediction on them, computed once."""
+
+    noisy: torch.Tensor  # (n, draws, C, h, w)
+    timesteps: torch.Tensor  # (n, draws)
+    prediction: torch.Tensor  # (n, draws, C, h, w)
+    captions: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.noisy, self.timesteps,
+                                                          self.prediction))
+
+    def loss(self, family, module, example_ids: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance of the student's prediction to the teacher's, on one random
+        draw per example of the batch."""
+        ids = example_ids.cpu()
+        draw = torch.randint(0, self.noisy.shape[1], (len(ids),))
+        student = family.predict(module, self.noisy[ids, draw], self.timesteps[ids, draw],
+                                 [self.captions[i] for i in ids.tolist()])
+        return F.mse_loss(student.float(), self.prediction[ids, draw].to(student.device))
+
+
+@torch.no_grad()
+def teacher_predictions(family, task, draws: int, seed: int, batch_size: int) -> DenoiserCache:
+    """The model as it is before the task, on fixed noisy versions of the task's images (the
+    diffusion analogue of LwF's cached old-head logits; no regularization images needed)."""
+    records = task.train.records
+    family.cache_latents([r["image"] for r in records if not r.get("latent_only")])
+    latents = torch.stack([family.latent(r["image"].key) for r in records])
+    gen = torch.Generator().manual_seed(seed)
+    n = len(records)
+    noise = torch.randn((n, draws, *latents.shape[1:]), generator=gen)
+    steps = family.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (n, draws), generator=gen)
+    noisy = torch.stack([family.noise_scheduler.add_noise(latents, noise[:, d], timesteps[:, d])
+                         for d in range(draws)], dim=1)
+    captions = [r["caption"] for r in records]
+    prediction = torch.empty_like(noisy)
+    module = family.module
+    was_training = module.training
+    module.eval()
+    for d in range(draws):
+        for start in range(0, n, batch_size):
+            rows = slice(start, start + batch_size)
+            prediction[rows, d] = family.predict(module, noisy[rows, d], timesteps[rows, d],
+                                                 captions[rows]).float().cpu()
+    module.train(was_training)
+    return DenoiserCache(noisy, timesteps, prediction, captions)
+
+
+@dataclass
 class OldOutput:
     """One old output the student is distilled on: a head, and which of its columns."""
 
@@ -125,6 +181,12 @@ class LwfStrategy(Strategy):
     top-k entries plus one bucket for the rest (`top_k`, default 32: about 260 bytes per
     token), computed once in `before_task` like the heads' logits. From task 2 on, or from task
     1 with `first_task` (the base model as teacher).
+
+    Diffusion (output preservation, no regularization images needed): the old output is the
+    denoiser's prediction. Before task t, each training image gets `draws` fixed (noise,
+    timestep) pairs and the teacher's prediction on them is cached (`teacher_predictions`);
+    each step adds α · MSE(student, teacher) on one random draw per batch example. This costs
+    one more student forward and backward per step; the teacher costs nothing per step.
     """
 
     name = "lwf"
@@ -137,10 +199,19 @@ class LwfStrategy(Strategy):
         self.teacher: list[torch.Tensor] = []  # per old output: (n_train, n_columns) logits
         self._module = None  # the family's module (backbone + heads), whose heads we read
         self.tokens: TokenCache | None = None  # causal LM: the teacher's top-k per token
+        self.denoised: DenoiserCache | None = None  # diffusion: the teacher's predictions
+        self._family = None
 
     def before_task(self, ctx: TaskContext) -> None:
         ensure_adapter(ctx)
         self._module = ctx.family.module
+        self._family = ctx.family
+        if ctx.family.name == "diffusion":
+            self.denoised = None
+            if ctx.t > 1 or self.options.first_task:
+                self.denoised = teacher_predictions(ctx.family, ctx.task, self.options.draws,
+                                                    ctx.seed, ctx.run.train.eval_batch_size)
+            return
         if ctx.family.name == "causal_lm":
             self.tokens = None
             if ctx.t > 1 or self.options.first_task:
@@ -152,6 +223,9 @@ class LwfStrategy(Strategy):
         self.teacher = self._teacher_logits(ctx) if self.old_outputs else []
 
     def extra_loss(self, batch, outputs: ForwardOutput) -> torch.Tensor | None:
+        if self.denoised is not None:
+            return self.options.alpha * self.denoised.loss(self._family, self._module,
+                                                           batch["example_ids"])
         if self.tokens is not None:
             student = outputs.lm_logits[outputs.lm_targets != -100]  # row-major = cache order
             rows = self.tokens.rows(batch["example_ids"])
@@ -168,7 +242,7 @@ class LwfStrategy(Strategy):
 
     def after_task(self, ctx: TaskContext) -> None:
         # The next task's teacher is the model as it now stands: drop this one's outputs.
-        self.old_outputs, self.teacher, self.tokens = [], [], None
+        self.old_outputs, self.teacher, self.tokens, self.denoised = [], [], None, None
 
     # -- helpers -------------------------------------------------------------------------------
 

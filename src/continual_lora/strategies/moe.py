@@ -61,6 +61,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from continual_lora.config import ConfigError
 from continual_lora.registry import register_strategy
 from continual_lora.sequence import TaskData, reservoir_sample
 from continual_lora.strategies.base import Strategy, TaskContext, check_adapter_tensors
@@ -329,6 +330,10 @@ class MoeStrategy(Strategy):
     # -- training ----------------------------------------------------------------------------
 
     def before_task(self, ctx: TaskContext) -> None:
+        if ctx.family.name == "diffusion":
+            raise ConfigError("strategy moe routes text or token inputs; it does not run on a "
+                              "diffusion model yet: use merge (adapter merging) to combine "
+                              "concept LoRAs")
         backbone = ctx.family.backbone
         if ctx.t == 1 and isinstance(backbone, PeftModel):
             backbone = backbone.merge_and_unload()  # the user's adapter becomes the base

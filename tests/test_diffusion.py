@@ -1,0 +1,293 @@
+"""The diffusion family on a tiny SD-shaped pipeline (built from config, saved as a diffusers
+folder) with a tiny ViT as the DINO scorer: data, caches, losses, every strategy, files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from continual_lora.config import ConfigError, load_run_config
+from continual_lora.diffusion_parts import PipelineSizes, build_components, save_pipeline
+from continual_lora.families import make_family
+from continual_lora.runner import run
+from continual_lora.sequence import load_sequence
+
+TINY = PipelineSizes(image_size=16, vae_channels=(8, 16), latent_channels=4,
+                     unet_channels=(16, 32), attention_head_dim=8, text_width=16, text_layers=1,
+                     text_heads=2, max_length=8, norm_groups=8)
+WORDS = ["a", "photo", "of", "sks", "red", "blue", "square", "circle", "toy"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    return save_pipeline(build_components(TINY, WORDS, seed=0), folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    """A tiny ViT saved with its image processor: the DINO scorer's code path, real classes."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-dino")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32),
+             add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def _draw(path, shape: str, colour: str, i: int, size: int = 24) -> None:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (2 + i % 4, 3 + i % 3, 16 + i % 5, 18 + i % 4)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colour)
+    image.save(path)
+
+
+def _concept(folder, shape, colour, n, caption=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        _draw(folder / f"{shape}{i:02d}.png", shape, colour, i)
+        if caption:
+            (folder / f"{shape}{i:02d}.txt").write_text(f"a photo of sks {colour} {shape}\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def concept_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("concepts")
+    return (_concept(root / "squares", "square", "red", 4),
+            _concept(root / "circles", "circle", "blue", 4))
+
+
+def _config(tmp_path, pipeline, dino, concept_dirs, strategy="naive", options=None, **extra):
+    data = {
+        "name": f"tiny-{strategy}", "seed": 0,
+        "model": {"family": "diffusion", "name_or_path": str(pipeline), "dino": str(dino),
+                  "inference_steps": 2, "samples_per_prompt": 2, "guidance_scale": 2.0},
+        "lora": {"r": 2},
+        "train": {"lr": 1e-3, "batch_size": 4, "max_steps": 2, "eval_batch_size": 8,
+                  "warmup_ratio": 0.0, "checkpoint_every": 100},
+        "tasks": [{"name": "squares", "images": str(concept_dirs[0])},
+                  {"name": "circles", "images": str(concept_dirs[1])}],
+        "upstream": {"prompts": ["a photo of a toy"]},
+        "strategy": {"name": strategy, "options": options or {}},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    data.update(extra)
+    return load_run_config(None, data=data)
+
+
+def test_encoders_run_once_per_image_and_caption(tmp_path, tiny_pipeline, tiny_dino,
+                                                 concept_dirs):
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs)
+    tasks, _ = load_sequence(cfg)
+    family = make_family(cfg.model, cfg.seed)
+    family.load()
+    for task in tasks:
+        family.begin_task(task, tasks, [task.index], [])
+    assert family.encoder_calls["vae"] == 8  # 4 + 4 images
+    assert family.encoder_calls["text"] == 2  # one caption per concept
+    by_index = {t.index: t for t in tasks}
+    for _ in range(5):  # training batches reuse the caches
+        batch = family.collate([(1, 0), (1, 3), (2, 1), (2, 2)], by_index)
+        out = family.forward(batch)
+        assert torch.isfinite(out.loss) and out.per_example_loss.shape == (4,)
+    assert family.encoder_calls == {"vae": 8, "text": 2}
+    # the cached latent is the VAE posterior mean times the scaling factor
+    record = tasks[0].train.records[0]["image"]
+    pixels = family._pixels(record).unsqueeze(0)
+    with torch.no_grad():
+        direct = family.vae.encode(pixels).latent_dist.mean[0] * family.vae.config.scaling_factor
+    torch.testing.assert_close(family.latent(record.key), direct)
+
+
+def test_loss_is_the_weighted_epsilon_mse(tmp_path, tiny_pipeline, tiny_dino, concept_dirs):
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs)
+    tasks, _ = load_sequence(cfg)
+    family = make_family(cfg.model, cfg.seed)
+    family.load()
+    family.begin_task(tasks[0], tasks, [1], [])
+    torch.manual_seed(3)
+    batch = family.collate([(1, 0), (1, 1)], {1: tasks[0]})
+    batch["weights"] = torch.tensor([1.0, 0.5])
+    out = family.forward(batch)
+    with torch.no_grad():
+        pred = family.backbone(batch["noisy"], batch["timesteps"],
+                               encoder_hidden_states=batch["cond"]).sample
+    per = ((pred - batch["target"]) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out.per_example_loss, per)
+    torch.testing.assert_close(out.loss, (per * torch.tensor([1.0, 0.5])).mean())
+
+
+def test_kohya_dataset_config_repeats_mix(tmp_path, tiny_pipeline, tiny_dino):
+    """Seed 000's "old 20 images + new 10 images with repeats 2" as one kohya TOML."""
+    old = _concept(tmp_path / "old", "square", "red", 20)
+    new = _concept(tmp_path / "new", "circle", "blue", 10)
+    toml = tmp_path / "dataset.toml"
+    toml.write_text(f"""[general]
+resolution = 16
+caption_extension = ".txt"
+
+[[datasets]]
+batch_size = 4
+
+  [[datasets.subsets]]
+  image_dir = "{old}"
+  num_repeats = 1
+
+  [[datasets.subsets]]
+  image_dir = "{new}"
+  num_repeats = 2
+""")
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, (old, new),
+                  tasks=[{"name": "both", "dataset_config": str(toml)}])
+    tasks, _ = load_sequence(cfg)
+    captions = tasks[0].train.texts
+    assert len(captions) == 40
+    assert captions.count("a photo of sks red square") == 20
+    assert captions.count("a photo of sks blue circle") == 20
+    assert tasks[0].manifest["images"] == 30
+    assert any("resolution" in line for line in tasks[0].manifest["kohya_keys_ignored"])
+    family = make_family(cfg.model, cfg.seed)
+    family.load()
+    family.begin_task(tasks[0], tasks, [1], [])
+    assert family.encoder_calls["vae"] == 30  # each image once, whatever its repeats
+
+
+def test_kohya_train_dir_folder_names(tmp_path, tiny_pipeline, tiny_dino):
+    root = tmp_path / "train_data_dir"
+    _concept(root / "3_sks red square", "square", "red", 2, caption=False)
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, (root, root),
+                  tasks=[{"name": "k", "images": str(root)}])
+    tasks, _ = load_sequence(cfg)
+    assert tasks[0].train.texts == ["sks red square"] * 6
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("naive", {}), ("replay", {}), ("merge_reinit", {}), ("ortho_init", {}), ("magmax", {}),
+    ("merge", {"method": "ties"}), ("lwf", {"alpha": 1.0}), ("olora", {}), ("joint", {}),
+    ("full_ft", {}),
+])
+def test_every_strategy_runs_and_writes_the_run_folder(tmp_path, tiny_pipeline, tiny_dino,
+                                                       concept_dirs, strategy, options):
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs, strategy, options)
+    result = run(cfg, echo=lambda _: None)
+    folder = result.run_dir
+    assert result.R.shape == (3, 2) and np.isfinite(result.R).all()
+    assert np.isfinite(result.U).all()
+    assert -1.0 <= result.R.min() and result.R.max() <= 1.0
+    results = json.loads((folder / "results.json").read_text())
+    assert set(results["details"][1][0]) == {"dino"}
+    for stage in (0, 1, 2):
+        grid = Image.open(folder / "samples" / f"stage-{stage:02d}.png")
+        assert grid.size[0] > 150 and grid.size[1] >= 3 * 96  # two tasks and the probe
+    last = folder / "tasks" / "02-circles"
+    if strategy == "full_ft":
+        assert (last / "model" / "config.json").is_file()
+    else:
+        assert (last / "adapter" / "adapter_model.safetensors").is_file()
+        assert (last / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["acc"] == pytest.approx(result.R[-1].mean())
+
+
+def test_run_adapter_loads_in_a_diffusers_pipeline(tmp_path, tiny_pipeline, tiny_dino,
+                                                   concept_dirs):
+    """The stage adapter we write loads with `pipeline.load_lora_weights` and changes the
+    image; the PEFT copy loaded on the UNet gives the same image."""
+    from diffusers import StableDiffusionPipeline
+    from peft import PeftModel
+
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs,
+                  train={"lr": 5e-2, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0})
+    result = run(cfg, echo=lambda _: None)
+    adapter = result.run_dir / "tasks" / "02-circles" / "adapter"
+
+    def image(pipe):
+        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
+    pipe.set_progress_bar_config(disable=True)
+    before = image(pipe)
+    pipe.load_lora_weights(str(adapter))
+    after = image(pipe)
+    assert np.abs(after - before).max() > 1e-3
+    plain = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
+    plain.set_progress_bar_config(disable=True)
+    plain.unet = PeftModel.from_pretrained(plain.unet, str(adapter)).merge_and_unload()
+    np.testing.assert_allclose(image(plain), after, atol=1e-4)
+
+
+def test_eval_rescores_a_stage_exactly(tmp_path, tiny_pipeline, tiny_dino, concept_dirs):
+    from continual_lora.evaluate import evaluate_run, rows_match
+
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs)
+    result = run(cfg, echo=lambda _: None)
+    row, recorded, _ = evaluate_run(result.run_dir)
+    assert rows_match(row, recorded, tol=1e-4)
+
+
+def test_prior_preservation_adds_weighted_class_images(tmp_path, tiny_pipeline, tiny_dino,
+                                                       concept_dirs):
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs, tasks=[
+        {"name": "squares", "images": str(concept_dirs[0]), "class_prompt": "a photo of a square",
+         "prior_images": 3, "prior_weight": 0.5}])
+    tasks, _ = load_sequence(cfg)
+    family = make_family(cfg.model, cfg.seed)
+    family.load()
+    family.begin_task(tasks[0], tasks, [1], [])
+    rows = tasks[0].train.records
+    assert len(rows) == 7 and len(tasks[0].train) == 7
+    assert [r["weight"] for r in rows[4:]] == [0.5] * 3
+    assert all(r["image"].is_reg for r in rows[4:])
+    assert family.encoder_calls["vae"] == 4  # prior latents come from the sampler itself
+
+
+def test_lwf_teacher_cache_matches_the_model_before_the_task(tmp_path, tiny_pipeline,
+                                                             tiny_dino, concept_dirs):
+    from continual_lora.strategies.lwf import teacher_predictions
+
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs)
+    tasks, _ = load_sequence(cfg)
+    family = make_family(cfg.model, cfg.seed)
+    family.load()
+    cache = teacher_predictions(family, tasks[0], draws=3, seed=1, batch_size=2)
+    assert cache.noisy.shape == (4, 3, 4, 8, 8) and cache.timesteps.shape == (4, 3)
+    # before any update the student is the teacher: the preservation term is zero
+    loss = cache.loss(family, family.module, torch.tensor([0, 2, 3]))
+    assert float(loss) < 1e-10
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": [{"name": "a", "concept": "zebra"}]}, "concept: built-in concepts"),
+    ({"model": {"family": "diffusion", "name_or_path": "PIPE"}},
+     "samples are scored by image similarity"),
+    ({"tasks": [{"name": "a", "wordnet": ["noun.animal", "noun.plant"]}]},
+     "not a data source of a diffusion model"),
+    ({"upstream": {"kind": "concepts"}}, "needs the embedded diffusion model"),
+])
+def test_config_errors_name_the_field(tmp_path, tiny_pipeline, tiny_dino, concept_dirs, change,
+                                      message):
+    base = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs).model_dump(
+        mode="json", exclude={"base_dir"})
+    change = yaml.safe_load(yaml.safe_dump(change).replace("PIPE", str(tiny_pipeline)))
+    base.update(change)
+    with pytest.raises(ConfigError, match=message):
+        tasks_cfg = load_run_config(None, data=base)
+        load_sequence(tasks_cfg)
+
+
+def test_moe_is_refused_with_a_message(tmp_path, tiny_pipeline, tiny_dino, concept_dirs):
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs, "moe")
+    with pytest.raises(ConfigError, match="moe .* does not run on a diffusion model"):
+        run(cfg, echo=lambda _: None)
+    assert not (tmp_path / "runs" / "tiny-moe").exists()
