@@ -10,6 +10,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from continual_lora import convert as convert_cli
 from continual_lora.checkpoint import RunDirExists
 from continual_lora.config import ConfigError, is_bench_config, load_bench_config, load_run_config
 from continual_lora.resume import CheckpointError
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     update_cli.add_parser(sub)
+    convert_cli.add_parser(sub)
 
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.set_defaults(func=cmd_strategies)
