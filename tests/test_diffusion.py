@@ -291,3 +291,17 @@ def test_moe_is_refused_with_a_message(tmp_path, tiny_pipeline, tiny_dino, conce
     with pytest.raises(ConfigError, match="moe .* does not run on a diffusion model"):
         run(cfg, echo=lambda _: None)
     assert not (tmp_path / "runs" / "tiny-moe").exists()
+
+
+def test_tokenizer_keeps_every_vocabulary_word_whole():
+    """Merges learned BPE-style: a word never splits on another word's merge (per-word merge
+    chains split "silhouette" on the `h o` of "horse" and pushed class words past max_length)."""
+    from continual_lora.diffusion_parts import clip_tokenizer
+
+    words = ["silhouette", "horse", "handwritten", "eight", "giraffe", "of", "a", "sheep"]
+    tokenizer = clip_tokenizer(words, 12)
+    for word in words:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tokenizer("a silhouette of a giraffe").input_ids
+    assert len(ids) == 7 and tokenizer.decode(ids[1:-1]) == "a silhouette of a giraffe"
+    assert len(tokenizer("zebra", add_special_tokens=False).input_ids) > 1  # still tokenizes

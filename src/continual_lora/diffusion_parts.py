@@ -7,8 +7,8 @@ component) that `StableDiffusionPipeline.from_pretrained` loads like any hub mod
 path that serves SD 1.x serves it too.
 
 The tokenizer is a real CLIP byte-level BPE: the 512 byte symbols (with and without the
-end-of-word mark `</w>`) plus one merge chain per word of a given list, so those words are single
-tokens and any other text still tokenizes (byte by byte). No vocabulary file is downloaded.
+end-of-word mark `</w>`) plus merges learned on a given word list until each of its words is a
+single token; any other text still tokenizes (in pieces, down to bytes). No vocabulary file is downloaded.
 """
 
 from __future__ import annotations
@@ -36,23 +36,41 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def clip_vocabulary(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a CLIP BPE in which every word of `words` is one token."""
+    """(vocab, merges) of a CLIP BPE in which every word of `words` is one token.
+
+    The merges are learned the way BPE is trained (most frequent adjacent pair first, ties by
+    name) until every word is one symbol, so applying them in rank order, as the tokenizer does,
+    rebuilds each word whole; chains written per word would not (another word's merge, say
+    `h o` of "horse", can win inside "silhouette" and split it)."""
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     known = set(vocab)
     merges: list[tuple[str, str]] = []
-    for word in sorted({w.lower() for w in words if w}):
-        if not word.isalpha():
-            continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = parts[0]
-        for part in parts[1:]:
-            pair = (merged, part)
-            merged += part
-            if merged not in known:
-                merges.append(pair)
-                vocab.append(merged)
-                known.add(merged)
+    pieces = [list(w[:-1]) + [w[-1] + "</w>"]
+              for w in sorted({w.lower() for w in words if w.isalpha()})]
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in pieces:
+            for pair in zip(word, word[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        merged = best[0] + best[1]
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        for k, word in enumerate(pieces):
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            pieces[k] = out
     vocab += [BOS, EOS]
     return {token: i for i, token in enumerate(vocab)}, merges
 

@@ -78,7 +78,7 @@ class DiffusionRecipe:
     scorer_steps: int = 400
     batch_size: int = 32
     seed: int = 0
-    version: int = 1
+    version: int = 2  # 2: every caption word is one token (1 cut captions off at 12 tokens)
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
