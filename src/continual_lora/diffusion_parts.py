@@ -8,7 +8,8 @@ path that serves SD 1.x serves it too.
 
 The tokenizer is a real CLIP byte-level BPE: the 512 byte symbols (with and without the
 end-of-word mark `</w>`) plus merges learned on a given word list until each of its words is a
-single token; any other text still tokenizes (in pieces, down to bytes). No vocabulary file is downloaded.
+single token; any other text still tokenizes (in pieces, down to bytes). No vocabulary file
+is downloaded.
 """
 
 from __future__ import annotations
