@@ -305,3 +305,22 @@ def test_tokenizer_keeps_every_vocabulary_word_whole():
     ids = tokenizer("a silhouette of a giraffe").input_ids
     assert len(ids) == 7 and tokenizer.decode(ids[1:-1]) == "a silhouette of a giraffe"
     assert len(tokenizer("zebra", add_special_tokens=False).input_ids) > 1  # still tokenizes
+
+
+def test_bench_writes_seed_003_table(tmp_path, tiny_pipeline, tiny_dino, concept_dirs):
+    from continual_lora.bench import run_bench
+    from continual_lora.config import load_bench_config
+    from continual_lora.metrics import average_accuracy, forgetting
+
+    run_cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs).model_dump(
+        mode="json", exclude={"base_dir", "strategy", "name"})
+    cfg = load_bench_config(None, data={"name": "pers", "include_joint": False, "run": run_cfg,
+                                        "strategies": [{"name": "naive"},
+                                                       {"name": "merge_reinit"}]})
+    bench_dir, results = run_bench(cfg, echo=lambda _: None)
+    table = (bench_dir / "personalization.md").read_text().splitlines()
+    assert table[0].startswith("| method | Average Score dino | Average Forgetting dino |")
+    assert table[2].startswith(f"| base model (reference) | {results[0].R[0].mean():.3f} |")
+    naive = results[0].R
+    assert table[3] == (f"| naive | {average_accuracy(naive):.3f} | "
+                        f"{forgetting(naive):.3f} |")

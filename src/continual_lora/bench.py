@@ -206,8 +206,21 @@ def write_comparison(bench_dir: Path, results: list[RunResult]) -> str:
     rows = comparison_rows(results)
     table = format_table(rows)
     write_text_atomic(bench_dir / "comparison.md", f"{table}\n\n{DEFINITIONS}")
-    if any(json.loads((r.run_dir / "results.json").read_text()).get("upstream_details")
-           for r in results):
+    from continual_lora.report.personalization import (
+        DEFINITIONS as IMAGE_DEFINITIONS,
+    )
+    from continual_lora.report.personalization import (
+        format_personalization,
+        is_image_run,
+        run_scores,
+    )
+
+    if is_image_run(results[0].run_dir):  # diffusion: seed 003's table, per image metric
+        scores = format_personalization([run_scores(r.run_dir) for r in results])
+        write_text_atomic(bench_dir / "personalization.md", f"{scores}\n\n{IMAGE_DEFINITIONS}")
+        table = f"{table}\n\n{scores}"
+    elif any(json.loads((r.run_dir / "results.json").read_text()).get("upstream_details")
+             for r in results):
         rounds = format_rounds([run_rounds(r.run_dir) for r in results])
         write_text_atomic(bench_dir / "rounds.md", f"{rounds}\n\n{ROUNDS_DEFINITIONS}")
         table = f"{table}\n\n{rounds}"
