@@ -369,7 +369,9 @@ class RunConfig(Strict):
             if family != "causal_lm" and task.format != "auto":
                 raise ValueError(f"{where}.format is for causal LMs; a {family} model reads "
                                  "its own columns")
-            used = [k for k in DIFFUSION_ONLY if k in task.model_fields_set]
+            # non-default values: a saved config.yaml writes every field out, defaults included
+            used = [k for k in DIFFUSION_ONLY
+                    if getattr(task, k) != TaskConfig.model_fields[k].default]
             if family != "diffusion" and used:
                 raise ValueError(f"{where}.{used[0]} is for model.family diffusion")
             if task.concept is not None and self.model.name_or_path != EMBEDDED_DIFFUSION:
