@@ -28,10 +28,10 @@ pool of `REFERENCE_IMAGES` images that no training ever sees.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -85,15 +85,12 @@ class DiffusionRecipe:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def default_cache_root() -> Path:
-    root = os.environ.get("CONTINUAL_LORA_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "continual-lora"
-
-
 def embedded_diffusion_path(recipe: DiffusionRecipe | None = None, cache_root: Path | None = None,
                             echo=print) -> Path:
     """The pipeline folder of the recipe, pretrained on first use (a few minutes on 2 CPU
     cores) and cached under `cache_root` (built in a temporary folder, renamed into place)."""
+    from continual_lora.embedded_lm import default_cache_root
+
     recipe = recipe or DiffusionRecipe()
     root = (cache_root or default_cache_root()) / "embedded-diffusion"
     folder = root / f"silhouette-diffusion-{recipe.key()}"
@@ -125,14 +122,20 @@ def scorer_folder(pipeline_folder: str | Path) -> Path:
 # -- data ---------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _images():
+    """The embedded images, read once per process (every concept and probe class reads them)."""
     from continual_lora.data.images import load_embedded_images
 
     return load_embedded_images("animal-mnist+digits")
 
 
-def _pools(labels: np.ndarray, n_classes: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per class: (training pool, reference pool), fixed once for everyone."""
+@functools.cache
+def _pools() -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per class of the embedded images: (training pool, reference pool), fixed once for
+    everyone (and computed once per process)."""
+    images = _images()
+    labels, n_classes = images.labels, len(images.classes)
     pools = {}
     for c in range(n_classes):
         idx = np.random.default_rng([SPLIT_SEED, c]).permutation(np.flatnonzero(labels == c))
@@ -152,7 +155,7 @@ def concept_records(concept: str, n: int, split: str, seed: int, instance_prompt
                           f"{', '.join(images.classes)} (held out from pretraining: "
                           f"{', '.join(HELD_OUT)})")
     c = images.classes.index(concept)
-    train_pool, reference_pool = _pools(images.labels, len(images.classes))[c]
+    train_pool, reference_pool = _pools()[c]
     if split == "train":
         if n > len(train_pool):
             raise ConfigError(f"{what}.train_per_class: {concept} has {len(train_pool)} "
@@ -211,7 +214,7 @@ def pretrain(recipe: DiffusionRecipe, folder: Path, echo=print) -> dict:
     start = time.perf_counter()
     data = _images()
     size = recipe.sizes.image_size
-    pools = _pools(data.labels, len(data.classes))
+    pools = _pools()
     held = {data.classes.index(c) for c in recipe.held_out}
     train_idx = np.concatenate([pools[c][0] for c in range(len(data.classes)) if c not in held])
     pixels = torch.from_numpy(np.stack([_rgb(data.images[i], size) for i in train_idx]))

@@ -99,14 +99,11 @@ class DinoEncoder:
         self.model = _load(AutoModel, name_or_path, "model.dino").eval().to(device)
         self.device = device
 
-    @torch.no_grad()
     def images(self, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = self.processor(images=list(images[i:i + batch_size]), return_tensors="pt")
-            hidden = self.model(pixel_values=pixels["pixel_values"].to(self.device))
-            out.append(F.normalize(hidden.last_hidden_state[:, 0].float(), dim=-1).cpu())
-        return torch.cat(out)
+        def cls_token(pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+        return _embed_images(self.processor, cls_token, images, batch_size, self.device)
 
 
 class ClipEncoder:
@@ -121,16 +118,12 @@ class ClipEncoder:
         self.model = _load(CLIPModel, name_or_path, "model.clip").eval().to(device)
         self.device = device
 
-    @torch.no_grad()
     def images(self, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = self.processor(images=list(images[i:i + batch_size]), return_tensors="pt")
-            features = self.model.get_image_features(
-                pixel_values=pixels["pixel_values"].to(self.device))
-            features = getattr(features, "pooler_output", features)
-            out.append(F.normalize(features.float(), dim=-1).cpu())
-        return torch.cat(out)
+        def image_features(pixel_values: torch.Tensor) -> torch.Tensor:
+            features = self.model.get_image_features(pixel_values=pixel_values)
+            return getattr(features, "pooler_output", features)
+
+        return _embed_images(self.processor, image_features, images, batch_size, self.device)
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
@@ -139,6 +132,18 @@ class ClipEncoder:
             **{k: v.to(self.device) for k, v in tokens.items()})
         features = getattr(features, "pooler_output", features)
         return F.normalize(features.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def _embed_images(processor, embed, images: np.ndarray, batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """L2-normalised `embed(pixel_values)` of uint8 images, through a transformers image
+    processor, in batches."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = processor(images=list(images[i:i + batch_size]), return_tensors="pt")
+        out.append(F.normalize(embed(pixels["pixel_values"].to(device)).float(), dim=-1).cpu())
+    return torch.cat(out)
 
 
 def _load(auto_class, name_or_path: str, field: str):

@@ -29,6 +29,8 @@ Lifecycle, as the runner calls it:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,16 @@ class ModelFamily(ABC):
     def to(self, device: torch.device) -> None:
         self.device = device
         self.module.to(device)
+
+    @contextmanager
+    def _eval(self) -> Iterator[None]:
+        """Eval mode for the duration (scoring, teacher passes), then the mode the module had."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            yield
+        finally:
+            self.module.train(was_training)
 
     def fingerprint(self) -> str:
         """A stable identity of the base weights (`common.fingerprint_module`)."""

@@ -37,7 +37,7 @@ import math
 import re
 import string
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -360,16 +360,6 @@ class CausalLMFamily(ModelFamily):
         return None  # nothing beside the adapter: the vocabulary is the base model's
 
     # -- scoring -------------------------------------------------------------------------------
-
-    @contextmanager
-    def _eval(self) -> Iterator[None]:
-        """Eval mode for the duration, then the mode the module had."""
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            yield
-        finally:
-            self.module.train(was_training)
 
     @torch.no_grad()
     def _perplexity(self, encoded: list[tuple[list[int], list[int]]],

@@ -2,7 +2,8 @@
 LoRA, trained DreamBooth-style on each task's images and scored on fixed-seed samples.
 
     backbone (what PEFT wraps)   the UNet (default targets: the attention projections
-                                 to_q, to_k, to_v, to_out.0, as diffusers' and kohya's scripts)
+                                 to_q, to_k, to_v, to_out.0, as diffusers' and kohya's scripts;
+                                 `adapters.DEFAULT_TARGETS`)
     frozen, run once per item    the VAE (image → latents) and the text encoder(s) (caption →
                                  hidden states), cached like kohya's `cache_latents` and
                                  `cache_text_encoder_outputs`: training runs the UNet only
@@ -27,7 +28,6 @@ not supported yet: they are refused with a message.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,6 @@ from continual_lora.families.base import ForwardOutput, ModelFamily, TaskScore
 from continual_lora.families.common import DTYPES, fingerprint_module
 from continual_lora.image_scoring import mean_similarity
 from continual_lora.sequence import TaskData
-
-DEFAULT_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:
@@ -70,7 +68,6 @@ class DiffusionFamily(ModelFamily):
     """A diffusers SD 1.x / SDXL pipeline (hub id or local folder, or the embedded model)."""
 
     name = "diffusion"
-    default_targets = DEFAULT_UNET_TARGETS
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         self.cfg = cfg
@@ -242,7 +239,7 @@ class DiffusionFamily(ModelFamily):
 
     def collate(self, examples: list[tuple[int, int]], tasks: dict[int, TaskData]) -> dict:
         rows = [tasks[t].train.records[i] for t, i in examples]
-        self.cache_latents([r["image"] for r in rows if r["image"].key not in self._latents])
+        self.cache_latents([r["image"] for r in rows])  # encodes only what is not cached
         latents = torch.stack([self._latents[r["image"].key] for r in rows]).to(self.device)
         cond, added = self._conditions([r["caption"] for r in rows])
         noise = torch.randn_like(latents)
@@ -305,15 +302,6 @@ class DiffusionFamily(ModelFamily):
         return save_grid(self.samples, folder / f"stage-{stage:02d}.png")
 
     # -- sampling and scoring ------------------------------------------------------------------
-
-    @contextmanager
-    def _eval(self):
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            yield
-        finally:
-            self.module.train(was_training)
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], seeds: list[int], batch_size: int,
@@ -428,9 +416,9 @@ class DiffusionFamily(ModelFamily):
         seeds = [r["seed"] for r in task.eval.records]
         images = self.sample(prompts, seeds, batch_size)
         self.samples[task.name] = images
-        details, correct, score = {}, None, 0.0
+        details, correct, score, embeddings = {}, None, 0.0, {}
         for scorer in self._scorers(task.scorer):
-            embedded = self.encoder(scorer).images(images)
+            embedded = embeddings[scorer] = self.encoder(scorer).images(images)
             own = mean_similarity(embedded, self._references(scorer, f"task:{task.name}",
                                                              task.references))
             details[scorer] = float(own.mean())
@@ -444,7 +432,7 @@ class DiffusionFamily(ModelFamily):
             clip = self.encoder("clip_i")
             texts = clip.texts(sorted(set(prompts)))
             index = {p: i for i, p in enumerate(sorted(set(prompts)))}
-            details["clip_t"] = float((clip.images(images) * texts[[index[p] for p in prompts]])
+            details["clip_t"] = float((embeddings["clip_i"] * texts[[index[p] for p in prompts]])
                                       .sum(-1).mean())
         return TaskScore(score, correct, task.scorer, details)
 

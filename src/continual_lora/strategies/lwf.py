@@ -132,15 +132,13 @@ def teacher_predictions(family, task, draws: int, seed: int, batch_size: int) ->
                          for d in range(draws)], dim=1)
     captions = [r["caption"] for r in records]
     prediction = torch.empty_like(noisy)
-    module = family.module
-    was_training = module.training
-    module.eval()
-    for d in range(draws):
-        for start in range(0, n, batch_size):
-            rows = slice(start, start + batch_size)
-            prediction[rows, d] = family.predict(module, noisy[rows, d], timesteps[rows, d],
-                                                 captions[rows]).float().cpu()
-    module.train(was_training)
+    with family._eval():
+        for d in range(draws):
+            for start in range(0, n, batch_size):
+                rows = slice(start, start + batch_size)
+                prediction[rows, d] = family.predict(family.module, noisy[rows, d],
+                                                     timesteps[rows, d],
+                                                     captions[rows]).float().cpu()
     return DenoiserCache(noisy, timesteps, prediction, captions)
 
 
