@@ -5,7 +5,7 @@ It is a small-scale stand-in for Stable Diffusion, built so the personalization 
 here without downloads: the same pipeline shape (CLIP tokenizer and text encoder, KL VAE,
 cross-attention UNet, DDPM/DDIM schedulers; `diffusion_parts.py`), saved as an ordinary diffusers
 folder that `StableDiffusionPipeline.from_pretrained` loads. Images are 32×32 RGB (white on
-black), latents 4×16×16.
+black), latents 4×8×8.
 
 Pretraining, in three steps (each seeded; `recipe.json` records the recipe, its key, the losses
 and wall seconds):
@@ -72,13 +72,19 @@ class DiffusionRecipe:
     vae_steps: int = 600
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
-    unet_steps: int = 2000
+    unet_steps: int = 3000
+    # Draw each UNet and scorer batch class-balanced: the digits have ~140 pretraining images a
+    # class, the animals ~960, and drawn by image the digit words got too few steps to be
+    # learned (v2's samples ignored them: every digit prompt gave the same image at a seed).
+    balanced_classes: bool = True
     unet_lr: float = 1e-3
     caption_dropout: float = 0.1
-    scorer_steps: int = 400
+    scorer_steps: int = 600
     batch_size: int = 32
     seed: int = 0
-    version: int = 2  # 2: every caption word is one token (1 cut captions off at 12 tokens)
+    # 2: every caption word is one token (1 cut captions off at 12 tokens); 3: class-balanced
+    # draws, 3000 UNet and 600 scorer steps (2 had not learned the digit words)
+    version: int = 3
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -198,6 +204,16 @@ def pretraining_probe(seeds: list[int], seed: int):
 # -- pretraining --------------------------------------------------------------------------------
 
 
+def _draw_weights(labels: np.ndarray, balanced: bool):
+    """Per-image probabilities of a draw: uniform over images, or uniform over classes."""
+    import torch
+
+    if not balanced:
+        return torch.ones(len(labels), dtype=torch.float64)
+    counts = np.bincount(labels)
+    return torch.from_numpy(1.0 / counts[labels])
+
+
 def _schedule(step: int, total: int, warmup: int = 100) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -244,7 +260,7 @@ def pretrain(recipe: DiffusionRecipe, folder: Path, echo=print) -> dict:
         if step % 250 == 0 or step == recipe.vae_steps - 1:
             echo(f"  vae step {step}/{recipe.vae_steps}: reconstruction mse "
                  f"{float(mse.detach()):.4f}")
-    report["vae_reconstruction_mse"] = float(mse)
+    report["vae_reconstruction_mse"] = float(mse.detach())
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean
@@ -262,12 +278,14 @@ def pretrain(recipe: DiffusionRecipe, folder: Path, echo=print) -> dict:
     ids = tokenizer(unique, padding="max_length", truncation=True,
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     caption_index = torch.tensor([unique.index(c) for c in captions])
+    draw_weights = _draw_weights(data.labels[train_idx], recipe.balanced_classes)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe.unet_steps))
     ema = None
     for step in range(recipe.unet_steps):
-        rows = torch.randint(0, len(latents), (recipe.batch_size,), generator=gen)
+        rows = torch.multinomial(draw_weights, recipe.batch_size, replacement=True,
+                                 generator=gen)
         which = caption_index[rows].clone()
         which[torch.rand(len(rows), generator=gen) < recipe.caption_dropout] = len(unique) - 1
         cond = text_encoder(ids[which]).last_hidden_state
@@ -317,10 +335,11 @@ def _train_scorer(data, pools, recipe: DiffusionRecipe, folder: Path, gen, echo)
     x, y = tensors(train_idx)
     x_ref, y_ref = tensors(ref_idx)
     net = SilhouetteNet(n)
+    draw_weights = _draw_weights(data.labels[train_idx], recipe.balanced_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, recipe.scorer_steps))
     for _ in range(recipe.scorer_steps):
-        rows = torch.randint(0, len(x), (64,), generator=gen)
+        rows = torch.multinomial(draw_weights, 64, replacement=True, generator=gen)
         batch = x[rows]
         # small random shifts: samples are never pixel-aligned with the training images
         dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
