@@ -300,7 +300,8 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
             _save_stage(ctx, strategy, stage_dir, stage_lineage, facts)
             write_json_atomic(run_dir / "plan.json", plan)
             _write_predictions(run_dir, tasks, rows)
-            _write_results(run_dir, tasks, rows, stats, reports)  # last: marks the stage done
+            # last: results.json marks the stage done
+            _write_results(run_dir, family, tasks, rows, stats, reports)
             prune(ckpt_dir, 1)  # the task's end weights, to rebuild its state on a resume
         accelerator.wait_for_everyone()
 
@@ -359,19 +360,7 @@ def _save_stage(ctx: TaskContext, strategy, stage_dir: Path,
                                                      "export": info}, indent=2))
 
 
-SCORE_DEFINITIONS = {
-    False: "R[t][i]: accuracy on task i's held-out split after training through task t (row 0: "
-           "before training). Tasks not trained yet are scored with their nearest-class-mean "
-           "(prototype) head. U[t]: upstream score.",
-    True: "R[t][i]: task i's score after training through task t (row 0: before training): "
-          "exact_match: the fraction of questions answered exactly (normalised, greedy); "
-          "perplexity: exp(-mean token loss) = 1/perplexity of the held-out tokens (higher is "
-          "better; `details` gives the perplexity). U[t]: 1/perplexity on the upstream general "
-          "text.",
-}
-
-
-def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict],
+def _write_results(run_dir: Path, family, tasks, rows: list[Row], stats: list[dict],
                    reports: list[dict | None]) -> None:
     names = [t.name for t in tasks]
     header = "stage," + ",".join(names) + ",upstream"
@@ -384,7 +373,7 @@ def _write_results(run_dir: Path, tasks, rows: list[Row], stats: list[dict],
     results = {
         "tasks": names, "R": [r.scores for r in rows], "U": [r.upstream for r in rows],
         "scored_with": [r.how for r in rows], "scorers": [t.scorer for t in tasks],
-        "training": stats, "definition": SCORE_DEFINITIONS[tasks[0].scorer != "accuracy"]}
+        "training": stats, "definition": family.score_definition}
     if any(d for r in rows for d in r.details) or any(r.upstream_details for r in rows):
         results["details"] = [r.details for r in rows]  # indexed like R
         results["upstream_details"] = [r.upstream_details for r in rows]

@@ -72,6 +72,8 @@ class ModelFamily(ABC):
     `module` (whose `.backbone` is what PEFT wraps), `device` and `_fingerprint`."""
 
     name: str = ""
+    #: What R and U hold for this family, written into results.json as `definition`.
+    score_definition: str = ""
 
     #: The trainable module handed to the optimizer and to accelerate (backbone + task parts).
     module: nn.Module

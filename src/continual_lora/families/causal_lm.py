@@ -134,6 +134,12 @@ class CausalLMFamily(ModelFamily):
     """Any transformers causal LM (hub id or local folder)."""
 
     name = "causal_lm"
+    score_definition = (
+        "R[t][i]: task i's score after training through task t (row 0: before training): "
+        "exact_match: the fraction of questions answered exactly (normalised, greedy); "
+        "perplexity: exp(-mean token loss) = 1/perplexity of the held-out tokens (higher is "
+        "better; `details` gives the perplexity). U[t]: 1/perplexity on the upstream general "
+        "text.")
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         self.cfg = cfg

@@ -90,6 +90,10 @@ class ClassifierFamily(ModelFamily):
     """Any transformers encoder (hub id or local folder) with per-task or shared heads."""
 
     name = "classifier"
+    score_definition = (
+        "R[t][i]: accuracy on task i's held-out split after training through task t (row 0: "
+        "before training). Tasks not trained yet are scored with their nearest-class-mean "
+        "(prototype) head. U[t]: upstream score.")
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         self.cfg = cfg

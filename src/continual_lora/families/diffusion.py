@@ -68,6 +68,14 @@ class DiffusionFamily(ModelFamily):
     """A diffusers SD 1.x / SDXL pipeline (hub id or local folder, or the embedded model)."""
 
     name = "diffusion"
+    score_definition = (
+        "R[t][i]: task i's score after training through task t (row 0: before training): the "
+        "mean cosine similarity of its prompts' fixed-seed samples to its reference images "
+        "under the first scorer (`scored_with`; `details` holds every image metric, CLIP-T "
+        "prompt fidelity and `correct`, the fraction of samples nearest their own task's "
+        "references). U[t]: the upstream probe's score the same way (`concepts`: samples of the "
+        "pretraining classes against their references, `recognised` the fraction nearest their "
+        "own class; `sample_drift`: similarity to the base model's samples at the same seeds).")
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         self.cfg = cfg
