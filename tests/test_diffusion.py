@@ -185,7 +185,7 @@ def test_every_strategy_runs_and_writes_the_run_folder(tmp_path, tiny_pipeline, 
     assert np.isfinite(result.U).all()
     assert -1.0 <= result.R.min() and result.R.max() <= 1.0
     results = json.loads((folder / "results.json").read_text())
-    assert set(results["details"][1][0]) == {"dino"}
+    assert set(results["details"][1][0]) == {"dino", "recognised"}
     for stage in (0, 1, 2):
         grid = Image.open(folder / "samples" / f"stage-{stage:02d}.png")
         assert grid.size[0] > 150 and grid.size[1] >= 3 * 96  # two tasks and the probe
@@ -319,8 +319,73 @@ def test_bench_writes_seed_003_table(tmp_path, tiny_pipeline, tiny_dino, concept
                                                        {"name": "merge_reinit"}]})
     bench_dir, results = run_bench(cfg, echo=lambda _: None)
     table = (bench_dir / "personalization.md").read_text().splitlines()
-    assert table[0].startswith("| method | Average Score dino | Average Forgetting dino |")
+    assert table[0] == ("| method | Average Score dino | Average Score recognised | "
+                        "Average Forgetting dino | Average Forgetting recognised |")
     assert table[2].startswith(f"| base model (reference) | {results[0].R[0].mean():.3f} |")
     naive = results[0].R
+    details = json.loads((bench_dir / "runs" / "naive-r2" / "results.json").read_text())
+    recognised = np.array([[cell["recognised"] for cell in row] for row in details["details"]])
+    assert ((recognised >= 0) & (recognised <= 1)).all()
     assert table[3] == (f"| naive | {average_accuracy(naive):.3f} | "
-                        f"{forgetting(naive):.3f} |")
+                        f"{average_accuracy(recognised):.3f} | {forgetting(naive):.3f} | "
+                        f"{forgetting(recognised):.3f} |")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny SDXL-shaped pipeline: two text encoders (the second with a projection, whose
+    pooled output and the time ids are the UNet's added conditions)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    parts = build_components(TINY, WORDS, seed=0)
+    tokenizer = parts["tokenizer"]
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY.text_width, projection_dim=8,
+        intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+        max_position_embeddings=TINY.max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=TINY.unet_channels,
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+        cross_attention_dim=2 * TINY.text_width, attention_head_dim=8,
+        addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=6 * 4 + 8)
+    pipe = StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=parts["scheduler"])
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_sdxl_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_sdxl,
+                                                                 tiny_dino, concept_dirs):
+    """SDXL's path: both encoders' penultimate states, the pooled embedding and the time ids
+    reach the UNet in training and sampling, and the adapter loads into the SDXL pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    family = make_family(_config(tmp_path, tiny_sdxl, tiny_dino, concept_dirs).model)
+    family.load()
+    assert family.sdxl
+    family.cache_text(["a photo of sks red square"])
+    hidden, pooled = family._text["a photo of sks red square"]
+    assert hidden.shape == (TINY.max_length, 2 * TINY.text_width) and pooled.shape == (8,)
+
+    cfg = _config(tmp_path, tiny_sdxl, tiny_dino, concept_dirs,
+                  train={"lr": 5e-2, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0})
+    result = run(cfg, echo=lambda _: None)
+    assert result.R.shape == (3, 2) and np.isfinite(result.R).all()
+    assert (result.run_dir / "samples" / "stage-02.png").is_file()
+
+    def image(pipe):
+        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    pipe.set_progress_bar_config(disable=True)
+    before = image(pipe)
+    pipe.load_lora_weights(str(result.run_dir / "tasks" / "02-circles" / "adapter"))
+    assert np.abs(image(pipe) - before).max() > 1e-3

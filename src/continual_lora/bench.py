@@ -35,12 +35,13 @@ COLUMNS = [
 ]
 
 DEFINITIONS = """\
-Definitions (R[t, i]: accuracy on task i's held-out split after training through task t; row 0 is
-before training; T tasks; U[t]: upstream score after task t):
+Definitions (R[t, i]: task i's score on its held-out split after training through task t: accuracy
+for a classifier, the runs' results.json `definition` for the others; row 0 is before training;
+T tasks; U[t]: upstream score after task t):
 - ACC = (1/T) Σ_i R[T, i]
 - Forgetting = (1/(T-1)) Σ_{i<T} (max_{t∈[i,T-1]} R[t, i] − R[T, i])  (raw, not clipped)
 - BWT = (1/(T-1)) Σ_{i<T} (R[T, i] − R[i, i])
-- FWT = (1/(T-1)) Σ_{i≥2} (R[i-1, i] − R[0, i])  (untrained tasks are scored by their
+- FWT = (1/(T-1)) Σ_{i≥2} (R[i-1, i] − R[0, i])  (a classifier scores untrained tasks with their
   nearest-class-mean head on the current features)
 - Plasticity = (1/T) Σ_i R[i, i]
 - Upstream retention = U[T] / U[0]

@@ -436,6 +436,9 @@ class DiffusionFamily(ModelFamily):
                           self._reference_sets(scorer).items() if key != f"task:{task.name}"]
                 correct = (own > torch.stack(others).max(0).values if others
                            else torch.ones_like(own, dtype=torch.bool)).numpy()
+                # identity, not likeness: similar concepts (two animal silhouettes) score high
+                # against each other's references, so the fraction nearest its own is reported
+                details["recognised"] = float(correct.mean())
         if self.cfg.clip:
             clip = self.encoder("clip_i")
             texts = clip.texts(sorted(set(prompts)))
