@@ -32,14 +32,13 @@ import functools
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from continual_lora.build_cache import build_once
 from continual_lora.config import ConfigError
 from continual_lora.diffusion_parts import PipelineSizes
 
@@ -102,19 +101,12 @@ def embedded_diffusion_path(recipe: DiffusionRecipe | None = None, cache_root: P
     folder = root / f"silhouette-diffusion-{recipe.key()}"
     if (folder / "recipe.json").is_file():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    echo(f"building the embedded diffusion model (first use; cached in {folder})")
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
-    try:
+
+    def build(tmp: Path) -> None:
+        echo(f"building the embedded diffusion model (first use; cached in {folder})")
         pretrain(recipe, tmp, echo)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first: theirs is as good
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return build_once(folder, build, lambda f: (f / "recipe.json").is_file())
 
 
 def scorer_folder(pipeline_folder: str | Path) -> Path:

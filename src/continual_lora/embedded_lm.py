@@ -36,14 +36,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from continual_lora.build_cache import build_once
 from continual_lora.config import EMBEDDED_LM
 
 if TYPE_CHECKING:
@@ -208,24 +207,12 @@ def embedded_lm_path(
     folder = parent / f"wordnet-llama-{recipe.key()}"
     if _folder_is_valid(folder, recipe):
         return folder
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
-    try:
+
+    def build(tmp: Path) -> None:
         echo(f"embedded LM: building {folder.name} (once; cached under {parent})")
         _build(recipe, tmp, echo)
-        # mkdtemp (and the safetensors writer) make private files; this is a shared model.
-        tmp.chmod(0o755)
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        if folder.exists() and not _folder_is_valid(folder, recipe):
-            shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged folder
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not _folder_is_valid(folder, recipe):  # not a concurrent builder's result
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_once(folder, build, lambda f: _folder_is_valid(f, recipe))
     echo(f"embedded LM: ready at {folder}")
     return folder
 
