@@ -1,4 +1,5 @@
-"""Cached folders are built once, atomically, and a dead build's leftovers are cleared."""
+"""Cached folders are built once, atomically, and a dead build's leftovers are cleared; atomic
+writes land with the modes of an ordinary write."""
 
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ def _build(tmp):
 
 def test_builds_into_place_with_shared_permissions_and_then_reuses(tmp_path):
     folder = tmp_path / "cache" / "model-abc"
-    assert build_once(folder, _build, _valid) == folder
+    old_mask = os.umask(0o022)
+    try:
+        assert build_once(folder, _build, _valid) == folder
+    finally:
+        os.umask(old_mask)
     assert _valid(folder)
     assert stat.S_IMODE(os.stat(folder / "sub" / "weights.bin").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(folder / "sub").st_mode) == 0o755
@@ -59,3 +64,21 @@ def test_only_old_temporary_folders_of_the_same_name_are_removed(tmp_path):
     os.utime(other, (old, old))
     assert remove_stale_builds(folder) == [dead]
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_atomic_writes_get_the_modes_of_an_ordinary_write(tmp_path):
+    """mkstemp/mkdtemp make private files; what lands in a run folder follows the umask."""
+    from continual_lora.checkpoint import atomic_dir, write_json_atomic
+
+    old_mask = os.umask(0o027)
+    try:
+        write_json_atomic(tmp_path / "results.json", {"R": [[0.5]]})
+        with atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "weights.safetensors", 0o600)  # as some writers leave them
+    finally:
+        os.umask(old_mask)
+    assert stat.S_IMODE(os.stat(tmp_path / "results.json").st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tmp_path / "adapter").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(tmp_path / "adapter" / "weights.safetensors").st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "results.json"]

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from continual_lora.checkpoint import share_tree
+
 #: A temporary build folder untouched this long belongs to a build that died: every embedded
 #: model builds in well under an hour on 2 CPU cores.
 STALE_AFTER_S = 6 * 3600
@@ -31,7 +33,7 @@ def build_once(folder: Path, build: Callable[[Path], object],
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
     try:
         build(tmp)
-        _share(tmp)
+        share_tree(tmp)  # a cached model is shared by every user of the machine
         if folder.exists() and not is_valid(folder):
             shutil.rmtree(folder, ignore_errors=True)  # a stale or damaged folder
         try:
@@ -57,13 +59,3 @@ def remove_stale_builds(folder: Path, now: float | None = None) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
-
-
-def _share(root: Path) -> None:
-    """mkdtemp (and the safetensors writer) make private files; a cached model is shared."""
-    root.chmod(0o755)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            (Path(dirpath) / name).chmod(0o755)
-        for name in filenames:
-            (Path(dirpath) / name).chmod(0o644)

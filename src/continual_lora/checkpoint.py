@@ -3,6 +3,10 @@
 A write goes to a temporary file in the same folder, is fsynced, then renamed over the target:
 a crash leaves the old file or the new one, never half of one. Folders (adapters) are written
 into a temporary sibling and renamed into place the same way.
+
+Temporary files and folders are private (0600/0700) while written; what is renamed into place
+gets the modes an ordinary write would give under the user's umask, so a run folder can be
+shared and served like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
@@ -34,6 +39,24 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def share_tree(root: Path) -> None:
+    """Give `root` and everything under it the modes of an ordinary write under the umask
+    (mkdtemp/mkstemp and some writers make private files)."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            (Path(dirpath) / name).chmod(0o777 & ~mask)
+        for name in filenames:
+            (Path(dirpath) / name).chmod(0o666 & ~mask)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -63,6 +86,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             if file.is_file():
                 with file.open("rb") as fh:
                     os.fsync(fh.fileno())
+        share_tree(tmp)
         if path.exists():  # keep the old folder whole until the new one is in place
             backup = path.with_name(f".{path.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
