@@ -389,3 +389,114 @@ def test_sdxl_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_
     before = image(pipe)
     pipe.load_lora_weights(str(result.run_dir / "tasks" / "02-circles" / "adapter"))
     assert np.abs(image(pipe) - before).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3-shaped pipeline: an MMDiT transformer, two CLIP text encoders with
+    projections, no T5 (the pipeline then conditions on zeros in its place), flow matching."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    parts = build_components(TINY, WORDS, seed=0)
+    tokenizer = parts["tokenizer"]
+    parts["vae"].register_to_config(shift_factor=0.0)
+
+    def clip(seed):
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=TINY.text_width, projection_dim=8,
+            intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+            max_position_embeddings=TINY.max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+    torch.manual_seed(2)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * TINY.text_width,
+        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=parts["vae"], text_encoder=clip(1), tokenizer=tokenizer, text_encoder_2=clip(3),
+        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_sd3_flow_matching_noise_and_target(tmp_path, tiny_sd3, tiny_dino, concept_dirs):
+    """Flow matching as diffusers' SD3 script: noisy = (1 − σ)·x0 + σ·ε with σ = t/1000 on
+    the training schedule, target ε − x0; captions encoded as StableDiffusion3Pipeline does."""
+    family = make_family(_config(tmp_path, tiny_sd3, tiny_dino, concept_dirs).model)
+    family.load()
+    assert family.kind == "sd3" and family.noise_scheduler.config.shift == 3.0
+    x0, noise = torch.full((1, 4, 8, 8), 2.0), torch.full((1, 4, 8, 8), -1.0)
+    t = torch.tensor([250.0])
+    torch.testing.assert_close(family.add_noise(x0, noise, t), torch.full_like(x0, 1.25))
+    torch.testing.assert_close(family.training_target(x0, noise, t), torch.full_like(x0, -3.0))
+    torch.manual_seed(0)
+    drawn = family.draw_timesteps(500)
+    assert set(drawn.tolist()) <= set(family.noise_scheduler.timesteps.tolist())
+    assert drawn.min() >= 1 and drawn.max() <= 1000  # shifted by 3: mass moves to high noise
+    assert drawn.median() > 600
+
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    expected, _, pooled, _ = pipe.encode_prompt("a photo of sks red square", None, None,
+                                                do_classifier_free_guidance=False)
+    family.cache_text(["a photo of sks red square"])
+    hidden, ours = family._text["a photo of sks red square"]
+    torch.testing.assert_close(hidden, expected[0])
+    torch.testing.assert_close(ours, pooled[0])
+
+
+def test_sd3_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_sd3, tiny_dino,
+                                                                concept_dirs):
+    from diffusers import StableDiffusion3Pipeline
+    from peft import PeftModel
+
+    cfg = _config(tmp_path, tiny_sd3, tiny_dino, concept_dirs, strategy="lwf",
+                  train={"lr": 5e-2, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0})
+    result = run(cfg, echo=lambda _: None)
+    assert result.R.shape == (3, 2) and np.isfinite(result.R).all()
+    assert (result.run_dir / "samples" / "stage-02.png").is_file()
+    adapter = result.run_dir / "tasks" / "02-circles" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert {"to_q", "add_q_proj", "to_add_out"} <= set(config["target_modules"])
+
+    def image(pipe):
+        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
+
+    def pipeline():
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3), text_encoder_3=None,
+                                                        tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipe = pipeline()
+    before = image(pipe)
+    pipe.load_lora_weights(str(adapter))
+    after = image(pipe)
+    assert np.abs(after - before).max() > 1e-3
+    plain = pipeline()  # the PEFT copy, merged by PEFT: the same image (alpha/rank kept)
+    plain.transformer = PeftModel.from_pretrained(plain.transformer, str(adapter)) \
+        .merge_and_unload()
+    np.testing.assert_allclose(image(plain), after, atol=1e-4)
+
+    # `convert` tells an SD3 adapter by its paths: transformer keys, and no kohya file
+    from safetensors.torch import load_file
+
+    from continual_lora.convert import convert
+
+    written = convert(adapter, "diffusers", tmp_path / "sd3-diffusers", echo=lambda _: None)
+    assert all(k.startswith("transformer.") for k in load_file(str(written)))
+    with pytest.raises(Exception, match="SD3 transformer LoRA.*--to diffusers"):
+        convert(adapter, "kohya", tmp_path / "sd3.safetensors", echo=lambda _: None)
+    assert not (tmp_path / "sd3.safetensors").exists()

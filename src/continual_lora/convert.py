@@ -21,7 +21,7 @@ import argparse
 import importlib
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from continual_lora.config import ConfigError
 from continual_lora.kohya import (
     COMPONENTS,
     DIFFUSERS_WEIGHTS,
+    TEXT_ENCODERS,
     LoraFormatError,
     LoraModule,
     MatchReport,
@@ -91,15 +92,26 @@ def _read_peft_folder(folder: Path, component: str) -> dict[str, LoraModule]:
     return parse_peft(tensors, _read_peft_config(folder), component, folder)
 
 
-def read_peft(folder: Path) -> LoadedLora:
-    """A PEFT folder: the UNet's adapter at its root, text encoders' in `text_encoder/` and
+def _is_sd3_transformer(modules: dict[str, LoraModule]) -> bool:
+    """SD3's transformer paths start at its blocks (`transformer_blocks.0.attn.to_q`); a UNet's
+    start at `down_blocks`, `mid_block` or `up_blocks`."""
+    return all(m.path.startswith("transformer_blocks.") for m in modules.values())
+
+
+def read_peft(folder: Path, denoiser: str | None = None) -> LoadedLora:
+    """A PEFT folder: the denoiser's adapter at its root (`denoiser`: "unet", or "transformer"
+    for SD3; by default told by its module paths), text encoders' in `text_encoder/` and
     `text_encoder_2/` subfolders when present (the layout `--to peft` writes)."""
     modules: dict[str, LoraModule] = {}
     base_model = None
     if (folder / CONFIG_FILE).is_file():
-        modules.update(_read_peft_folder(folder, "unet"))
+        found = _read_peft_folder(folder, denoiser or "unet")
+        if denoiser is None and _is_sd3_transformer(found):
+            found = {path: replace(m, component="transformer")
+                     for path, m in found.items()}
+        modules.update(found)
         base_model = _read_peft_config(folder).get("base_model_name_or_path")
-    for component in COMPONENTS[1:]:
+    for component in TEXT_ENCODERS:
         if (folder / component / CONFIG_FILE).is_file():
             found = _read_peft_folder(folder / component, component)
             modules.update({f"{component}.{k}": m for k, m in found.items()})
@@ -125,7 +137,7 @@ def read_lora(src: str | Path) -> LoadedLora:
     src = Path(src)
     if src.is_dir():
         if (src / CONFIG_FILE).is_file() or any((src / c / CONFIG_FILE).is_file()
-                                                 for c in COMPONENTS[1:]):
+                                                 for c in TEXT_ENCODERS):
             return read_peft(src)
         if (src / STAGE_ADAPTER / CONFIG_FILE).is_file():
             return read_peft(src / STAGE_ADAPTER)
@@ -229,11 +241,11 @@ def _write_peft_folder(folder: Path, modules: dict[str, LoraModule], base_model:
 
 
 def write_peft(modules: dict[str, LoraModule], out: Path, base_model: str | None) -> Path:
-    """A PEFT folder: the UNet's adapter at `out` (so `PeftModel.from_pretrained(unet, out)`
+    """A PEFT folder: the denoiser's adapter at `out` (so `PeftModel.from_pretrained(unet, out)`
     loads it), each text encoder's in `out/<component>/`."""
     with atomic_dir(out) as tmp:
         for component, by_path in split_components(modules).items():
-            folder = tmp if component == "unet" else tmp / component
+            folder = tmp if component in ("unet", "transformer") else tmp / component
             _write_peft_folder(folder, by_path, base_model)
     return out
 
@@ -255,11 +267,13 @@ def write_kohya(modules: dict[str, LoraModule], out: Path) -> Path:
     return out
 
 
-def write_diffusers_weights(peft_folder: Path, out_folder: Path) -> Path:
-    """`out_folder/pytorch_lora_weights.safetensors` from a UNet's PEFT adapter folder, replacing
-    any earlier one atomically; out_folder may be the adapter folder itself, so that
-    `pipe.load_lora_weights(stage/adapter)` works there directly. Returns the file."""
-    lora = read_peft(Path(peft_folder))
+def write_diffusers_weights(peft_folder: Path, out_folder: Path,
+                            denoiser: str | None = None) -> Path:
+    """`out_folder/pytorch_lora_weights.safetensors` from a denoiser's PEFT adapter folder
+    (`denoiser`: "unet", or "transformer" for SD3), replacing any earlier one atomically;
+    out_folder may be the adapter folder itself, so that `pipe.load_lora_weights(stage/adapter)`
+    works there directly. Returns the file."""
+    lora = read_peft(Path(peft_folder), denoiser)
     file = Path(out_folder) / DIFFUSERS_WEIGHTS
     write_bytes_atomic(file, _safetensors_bytes(*to_diffusers(lora.modules)))
     return file

@@ -35,7 +35,10 @@ import torch
 from continual_lora.adapter_files import PREFIX as PEFT_PREFIX
 from continual_lora.adapter_files import AdapterFileError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+#: Pipeline parts a LoRA can adapt, in pipeline order: the denoiser (a UNet, or SD3's
+#: transformer), then the text encoders.
+COMPONENTS = ("unet", "transformer", *TEXT_ENCODERS)
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder",
                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -318,8 +321,8 @@ def parse_diffusers(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[st
         component, _, rest = key.partition(".")
         if component not in COMPONENTS:
             raise LoraFormatError(f"{source}: key {key} is for a `{component}`, not one of "
-                                  f"{', '.join(COMPONENTS)}: only Stable Diffusion (UNet) "
-                                  "pipelines' LoRAs are supported")
+                                  f"{', '.join(COMPONENTS)}: only Stable Diffusion (UNet) and "
+                                  "SD3 (transformer) pipelines' LoRAs are supported")
         if rest.endswith(".alpha"):
             alphas[f"{component}.{rest.removesuffix('.alpha')}"] = float(tensor.item())
         else:
@@ -600,6 +603,9 @@ def to_kohya(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
     """kohya keys, an `.alpha` for every module (a 0-d tensor, see `_alpha_tensor`), tensors
     otherwise untouched."""
     _require_paths(modules)
+    if any(m.component == "transformer" for m in modules.values()):
+        raise LoraFormatError("this is an SD3 transformer LoRA; kohya's SD3 naming is not "
+                              "written yet: convert it --to diffusers or --to peft")
     te1 = "lora_te1_" if any(m.component == "text_encoder_2" for m in modules.values()) \
         else "lora_te_"  # SDXL files say te1/te2; SD 1.x files say te
     out = {}

@@ -21,8 +21,15 @@ own task's references than to any other task's (or any upstream concept's): it i
 the concept among those the run knows.
 
 SDXL: both text encoders' penultimate hidden states concatenated, the second one's pooled
-projection and the size/crop time ids as added conditions. Transformer denoisers (SD3, FLUX) are
-not supported yet: they are refused with a message.
+projection and the size/crop time ids as added conditions.
+
+SD3 (`SD3Transformer2DModel`, a rectified-flow transformer): the LoRA goes on the joint
+attention's projections of both streams; captions are encoded as `StableDiffusion3Pipeline`
+does (both CLIPs' penultimate states side by side, zero-padded to the T5 width, followed by the
+T5 states, or zeros when the pipeline has no T5; the two pooled projections concatenated).
+Training is flow matching as diffusers' SD3 DreamBooth script: σ from a logit-normal draw of the
+training schedule, noisy = (1 − σ)·x0 + σ·ε, target ε − x0. Sampling is the flow-matching Euler
+scheduler with classifier-free guidance. FLUX and other transformer denoisers are refused.
 """
 
 from __future__ import annotations
@@ -51,17 +58,32 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-class DiffusionModule(nn.Module):
-    """The UNet (possibly PEFT-wrapped): noisy latents, timesteps, text conditions → prediction.
-    This is what the optimizer and accelerate see."""
+#: T5 tokens of an SD3 caption (`StableDiffusion3Pipeline`'s default max_sequence_length).
+SD3_T5_TOKENS = 256
 
-    def __init__(self, backbone: nn.Module):
+
+class DiffusionModule(nn.Module):
+    """The denoiser (possibly PEFT-wrapped): noisy latents, timesteps, text conditions →
+    prediction. This is what the optimizer and accelerate see. `added` is SDXL's
+    `added_cond_kwargs`, or SD3's `{"pooled": pooled projections}`."""
+
+    def __init__(self, backbone: nn.Module, kind: str = "unet"):
         super().__init__()
         self.backbone = backbone
+        self.kind = kind
 
     def forward(self, noisy, timesteps, cond, added=None):
+        if self.kind == "sd3":
+            return self.backbone(hidden_states=noisy, timestep=timesteps,
+                                 encoder_hidden_states=cond,
+                                 pooled_projections=added["pooled"]).sample
         kwargs = {"added_cond_kwargs": added} if added else {}
         return self.backbone(noisy, timesteps, encoder_hidden_states=cond, **kwargs).sample
+
+
+#: Denoiser classes the family trains: class name → (kind, pipeline subfolder).
+DENOISERS = {"UNet2DConditionModel": ("unet", "unet"),
+             "SD3Transformer2DModel": ("sd3", "transformer")}
 
 
 class DiffusionFamily(ModelFamily):
@@ -110,7 +132,8 @@ class DiffusionFamily(ModelFamily):
 
         try:
             return DiffusionPipeline.from_pretrained(self.path, dtype=DTYPES[self.cfg.dtype],
-                                                     use_safetensors=True)
+                                                     use_safetensors=True,
+                                                     **self._absent_components())
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"model.name_or_path: cannot load a diffusers pipeline from "
@@ -118,53 +141,100 @@ class DiffusionFamily(ModelFamily):
                 "model_index.json and safetensors weights) or a hub id reachable from here."
             ) from None
 
-    def _load_backbone(self) -> nn.Module:
-        from diffusers import UNet2DConditionModel
+    def _absent_components(self) -> dict:
+        """Components the pipeline class takes but the folder was saved without (an SD3
+        pipeline saved with `text_encoder_3=None` to drop T5): passed as None, as its user
+        loaded it, instead of failing."""
+        import diffusers
 
-        unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet",
-                                                    dtype=DTYPES[self.cfg.dtype],
-                                                    use_safetensors=True)
-        return unet.requires_grad_(False)
+        try:
+            index = diffusers.DiffusionPipeline.load_config(self.path)
+        except (OSError, ValueError):
+            return {}  # from_pretrained reports it
+        pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+        if pipeline_class is None:
+            return {}
+        expected, _ = pipeline_class._get_signature_keys(pipeline_class)
+        return {name: None for name in expected
+                if name not in index or index[name] in (None, [None, None])}
+
+    def _load_backbone(self) -> nn.Module:
+        import diffusers
+
+        denoiser = getattr(diffusers, self.denoiser_class).from_pretrained(
+            self.path, subfolder=DENOISERS[self.denoiser_class][1],
+            dtype=DTYPES[self.cfg.dtype], use_safetensors=True)
+        return denoiser.requires_grad_(False)
 
     def load(self) -> None:
         pipe = self._pipeline()
-        unet = getattr(pipe, "unet", None)
-        if unet is None or not hasattr(pipe, "vae"):
+        denoiser = getattr(pipe, "unet", None)
+        if denoiser is None:
+            denoiser = getattr(pipe, "transformer", None)
+        name = type(denoiser).__name__
+        if name not in DENOISERS or not hasattr(pipe, "vae"):
             raise ConfigError(
-                f"model.name_or_path: {self.cfg.name_or_path!r} is a {type(pipe).__name__}; "
-                "the diffusion family trains UNet pipelines (Stable Diffusion 1.x/2.x, SDXL). "
-                "Transformer denoisers (SD3, FLUX) are not supported yet.")
+                f"model.name_or_path: {self.cfg.name_or_path!r} is a {type(pipe).__name__}"
+                f"{f' with a {name}' if denoiser is not None else ''}; the diffusion family "
+                "trains Stable Diffusion 1.x/2.x and SDXL (UNet) and SD3 (SD3Transformer2DModel) "
+                "pipelines. FLUX and other transformer denoisers are not supported yet.")
+        self.denoiser_class = name
+        self.kind = DENOISERS[name][0]
         self.vae = pipe.vae.requires_grad_(False).eval()
-        self.text_encoders = [m.requires_grad_(False).eval() for m in
-                              (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m]
-        self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
-        self.sdxl = len(self.text_encoders) == 2
-        from diffusers import DDIMScheduler, DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        self.text_encoders = [getattr(pipe, n, None) for n in names]
+        self.tokenizers = [getattr(pipe, n.replace("text_encoder", "tokenizer"), None)
+                           for n in names]
+        if self.kind != "sd3":  # SD3 keeps its slots: the third (T5) may be absent
+            self.text_encoders = [m for m in self.text_encoders if m is not None]
+            self.tokenizers = [t for t in self.tokenizers if t is not None]
+        for encoder in self.text_encoders:
+            if encoder is not None:
+                encoder.requires_grad_(False).eval()
+        self.sdxl = self.kind == "unet" and len(self.text_encoders) == 2
+        self._set_schedulers(pipe.scheduler.config)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.image_size = self.cfg.image_size or unet.config.sample_size * self.vae_scale
-        if self.image_size % (self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)):
+        if self.kind == "sd3":
+            downsampling = denoiser.config.patch_size
+        else:
+            downsampling = 2 ** (len(denoiser.config.block_out_channels) - 1)
+        self.image_size = self.cfg.image_size or denoiser.config.sample_size * self.vae_scale
+        if self.image_size % (self.vae_scale * downsampling):
             raise ConfigError(f"model.image_size {self.image_size} must be a multiple of "
-                              f"{self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)}"
-                              " (the VAE and UNet downsampling)")
-        unet.requires_grad_(False)
-        self._fingerprint = fingerprint_module(unet)
+                              f"{self.vae_scale * downsampling} (the VAE's and the denoiser's "
+                              "downsampling)")
+        denoiser.requires_grad_(False)
+        self._fingerprint = fingerprint_module(denoiser)
         self.hidden_size = int(self.text_encoders[0].config.hidden_size)
-        self.module = DiffusionModule(unet)
+        self.module = DiffusionModule(denoiser, self.kind)
         del pipe
+
+    def _set_schedulers(self, config) -> None:
+        """The training schedule and the sampler: DDPM/DDIM for a UNet, flow matching (Euler)
+        for SD3."""
+        if self.kind == "sd3":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+            self.sampler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        else:
+            from diffusers import DDIMScheduler, DDPMScheduler
+
+            self.noise_scheduler = DDPMScheduler.from_config(config)
+            self.sampler = DDIMScheduler.from_config(config)
 
     def to(self, device: torch.device) -> None:
         super().to(device)
         self.vae.to(device)
         for encoder in self.text_encoders:
-            encoder.to(device)
+            if encoder is not None:
+                encoder.to(device)
 
     def load_saved_backbone(self, folder: Path) -> nn.Module:
-        from diffusers import UNet2DConditionModel
+        import diffusers
 
-        return UNet2DConditionModel.from_pretrained(str(folder)).to(self.device)
+        return getattr(diffusers, self.denoiser_class).from_pretrained(str(folder)).to(
+            self.device)
 
     # -- frozen encoders, run once per item ----------------------------------------------------
 
@@ -210,6 +280,8 @@ class DiffusionFamily(ModelFamily):
             self.encoder_calls["text"] += len(chunk)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.kind == "sd3":
+            return self._encode_text_sd3(captions)
         states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             ids = tokenizer(captions, padding="max_length", truncation=True,
@@ -222,10 +294,34 @@ class DiffusionFamily(ModelFamily):
                 states.append(out.last_hidden_state)
         return torch.cat(states, dim=-1), pooled
 
+    def _encode_text_sd3(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `StableDiffusion3Pipeline.encode_prompt` (no clip skip)."""
+        clip_states, pooled = [], []
+        for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2], strict=True):
+            ids = tokenizer(captions, padding="max_length", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            out = encoder(ids.to(self.device), output_hidden_states=True)
+            clip_states.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        width = self.module.backbone.config.joint_attention_dim
+        clip = torch.cat(clip_states, dim=-1)
+        clip = F.pad(clip, (0, width - clip.shape[-1]))
+        t5_tokenizer, t5 = self.tokenizers[2], self.text_encoders[2]
+        if t5 is None:  # the pipeline's stand-in for a missing T5: zeros, 256 tokens
+            t5_states = clip.new_zeros((len(captions), SD3_T5_TOKENS, width))
+        else:
+            ids = t5_tokenizer(captions, padding="max_length", truncation=True,
+                               max_length=SD3_T5_TOKENS, return_tensors="pt").input_ids
+            t5_states = t5(ids.to(self.device))[0]
+        return torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
     def _conditions(self, captions: list[str]) -> tuple[torch.Tensor, dict | None]:
         self.cache_text(captions)
         dtype = self.module.backbone.dtype
         cond = torch.stack([self._text[c][0] for c in captions]).to(self.device, dtype)
+        if self.kind == "sd3":
+            pooled = torch.stack([self._text[c][1] for c in captions]).to(self.device, dtype)
+            return cond, {"pooled": pooled}
         if not self.sdxl:
             return cond, None
         pooled = torch.stack([self._text[c][1] for c in captions]).to(self.device, dtype)
@@ -251,13 +347,9 @@ class DiffusionFamily(ModelFamily):
         latents = torch.stack([self._latents[r["image"].key] for r in rows]).to(self.device)
         cond, added = self._conditions([r["caption"] for r in rows])
         noise = torch.randn_like(latents)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (len(rows),), device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        timesteps = self.draw_timesteps(len(rows)).to(self.device)
+        noisy = self.add_noise(latents, noise, timesteps)
+        target = self.training_target(latents, noise, timesteps)
         dtype = self.module.backbone.dtype
         return {"noisy": noisy.to(dtype), "timesteps": timesteps, "cond": cond, "added": added,
                 "target": target,
@@ -273,6 +365,38 @@ class DiffusionFamily(ModelFamily):
         loss = (per_example * batch["weights"]).mean()
         return ForwardOutput(loss, per_example.detach(), {}, prediction.new_zeros(0),
                              prediction=prediction)
+
+    # -- the training schedule: DDPM (ε or v) for a UNet, flow matching for SD3 ----------------
+
+    def draw_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps: uniform over the DDPM schedule; for flow matching, diffusers'
+        SD3 default (a logit-normal draw of the schedule's index)."""
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if self.kind != "sd3":
+            return torch.randint(0, steps, (n,), generator=generator)
+        u = torch.sigmoid(torch.randn((n,), generator=generator))
+        index = (u * steps).long().clamp(max=steps - 1)
+        return self.noise_scheduler.timesteps[index].float()
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+        if self.kind != "sd3":
+            return self.noise_scheduler.add_noise(latents, noise, timesteps)
+        sigma = self._sigma(timesteps, latents)
+        return (1.0 - sigma) * latents + sigma * noise
+
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor,
+                        timesteps: torch.Tensor) -> torch.Tensor:
+        if self.kind == "sd3":
+            return noise - latents  # the flow's velocity
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def _sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # the flow-matching training schedule has timesteps = σ · num_train_timesteps
+        sigma = timesteps.float() / self.noise_scheduler.config.num_train_timesteps
+        return sigma.to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
 
     def predict(self, module: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 captions: list[str]) -> torch.Tensor:
@@ -299,7 +423,7 @@ class DiffusionFamily(ModelFamily):
         if (adapter / "adapter_model.safetensors").is_file():
             from continual_lora.convert import write_diffusers_weights
 
-            write_diffusers_weights(adapter, adapter)
+            write_diffusers_weights(adapter, adapter, DENOISERS[self.denoiser_class][1])
 
     def write_stage_media(self, folder: Path, stage: int) -> Path | None:
         """The stage's sample grid: a row per task (and the upstream probe), a column per seed."""
@@ -318,7 +442,7 @@ class DiffusionFamily(ModelFamily):
         classifier-free guidance; the noise is drawn on the CPU, so a seed gives the same
         image on any device."""
         steps = steps or self.cfg.inference_steps
-        unet = self.module
+        denoiser = self.module
         channels = self.module.backbone.config.in_channels
         side = self.image_size // self.vae_scale
         guidance = self.cfg.guidance_scale
@@ -329,8 +453,8 @@ class DiffusionFamily(ModelFamily):
                 latents = torch.stack([
                     torch.randn((channels, side, side), generator=torch.Generator().manual_seed(s))
                     for s in seeds[start:start + batch_size]]).to(self.device)
-                self.sampler.set_timesteps(steps, device=self.device)
-                latents = latents * self.sampler.init_noise_sigma
+                self._set_sampler_steps(steps, side)
+                latents = latents * getattr(self.sampler, "init_noise_sigma", 1.0)
                 cond, added = self._conditions(list(chunk))
                 if guidance > 1.0:
                     uncond, added_u = self._conditions([""] * len(chunk))
@@ -340,14 +464,30 @@ class DiffusionFamily(ModelFamily):
                 dtype = self.module.backbone.dtype
                 for t in self.sampler.timesteps:
                     x = torch.cat([latents, latents]) if guidance > 1.0 else latents
-                    x = self.sampler.scale_model_input(x, t).to(dtype)
-                    pred = unet(x, t.expand(len(x)), cond, added).float()
+                    if hasattr(self.sampler, "scale_model_input"):
+                        x = self.sampler.scale_model_input(x, t)
+                    pred = denoiser(x.to(dtype), t.expand(len(x)), cond, added).float()
                     if guidance > 1.0:
                         p_uncond, p_cond = pred.chunk(2)
                         pred = p_uncond + guidance * (p_cond - p_uncond)
                     latents = self.sampler.step(pred, t, latents).prev_sample
                 out.append(latents.float().cpu())
         return torch.cat(out)
+
+    def _set_sampler_steps(self, steps: int, side: int) -> None:
+        config = self.sampler.config
+        if self.kind == "sd3" and config.get("use_dynamic_shifting"):
+            # SD3.5-style schedules shift by the image's token count, as the pipeline does
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+                calculate_shift,
+            )
+
+            tokens = (side // self.module.backbone.config.patch_size) ** 2
+            mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
+                                 config.base_shift, config.max_shift)
+            self.sampler.set_timesteps(steps, device=self.device, mu=mu)
+        else:
+            self.sampler.set_timesteps(steps, device=self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 32) -> np.ndarray:

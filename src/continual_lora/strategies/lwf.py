@@ -126,9 +126,9 @@ def teacher_predictions(family, task, draws: int, seed: int, batch_size: int) ->
     gen = torch.Generator().manual_seed(seed)
     n = len(records)
     noise = torch.randn((n, draws, *latents.shape[1:]), generator=gen)
-    steps = family.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (n, draws), generator=gen)
-    noisy = torch.stack([family.noise_scheduler.add_noise(latents, noise[:, d], timesteps[:, d])
+    timesteps = torch.stack([family.draw_timesteps(n, generator=gen) for _ in range(draws)],
+                            dim=1)
+    noisy = torch.stack([family.add_noise(latents, noise[:, d], timesteps[:, d])
                          for d in range(draws)], dim=1)
     captions = [r["caption"] for r in records]
     prediction = torch.empty_like(noisy)
