@@ -454,6 +454,13 @@ def test_sd3_flow_matching_noise_and_target(tmp_path, tiny_sd3, tiny_dino, conce
     hidden, ours = family._text["a photo of sks red square"]
     torch.testing.assert_close(hidden, expected[0])
     torch.testing.assert_close(ours, pooled[0])
+    # sampling (Euler flow matching, classifier-free guidance) gives the pipeline's image
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a photo of sks red square", num_inference_steps=2, guidance_scale=2.0,
+                  height=16, width=16, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    ours = family.sample(["a photo of sks red square"], [0], batch_size=1)
+    np.testing.assert_allclose(ours / 255.0, theirs, atol=2 / 255)
 
 
 def test_sd3_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_sd3, tiny_dino,
@@ -497,6 +504,88 @@ def test_sd3_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_s
 
     written = convert(adapter, "diffusers", tmp_path / "sd3-diffusers", echo=lambda _: None)
     assert all(k.startswith("transformer.") for k in load_file(str(written)))
-    with pytest.raises(Exception, match="SD3 transformer LoRA.*--to diffusers"):
+    with pytest.raises(Exception, match="transformer .SD3/FLUX. LoRA.*--to diffusers"):
         convert(adapter, "kohya", tmp_path / "sd3.safetensors", echo=lambda _: None)
     assert not (tmp_path / "sd3.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    """A tiny FLUX-shaped pipeline: CLIP (pooled) + T5 (states) text encoders, a guidance-
+    distilled MMDiT on 2×2-packed latents, a dynamically shifted flow-matching schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    parts = build_components(TINY, WORDS, seed=0)
+    tokenizer = parts["tokenizer"]
+    parts["vae"].register_to_config(shift_factor=0.0)
+    torch.manual_seed(4)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32,
+                                 num_layers=1, num_heads=2, pad_token_id=tokenizer.pad_token_id,
+                                 decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=TINY.text_width,
+        guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = FluxPipeline(scheduler=scheduler, vae=parts["vae"], text_encoder=parts["text_encoder"],
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+                        transformer=transformer)
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _flux_config(tmp_path, tiny_flux, tiny_dino, concept_dirs, **extra):
+    model = {"family": "diffusion", "name_or_path": str(tiny_flux), "dino": str(tiny_dino),
+             "inference_steps": 2, "samples_per_prompt": 2, "guidance_scale": 3.5,
+             "image_size": 16}
+    return _config(tmp_path, tiny_flux, tiny_dino, concept_dirs, model=model, **extra)
+
+
+def test_flux_samples_are_the_pipelines_own(tmp_path, tiny_flux, tiny_dino, concept_dirs):
+    """Packing, caption encoding, the guidance input and the σ grid as FluxPipeline's: the same
+    seed gives the pipeline's image."""
+    from diffusers import FluxPipeline
+
+    family = make_family(_flux_config(tmp_path, tiny_flux, tiny_dino, concept_dirs).model)
+    family.load()
+    assert family.kind == "flux" and family.flow
+    ours = family.sample(["a photo of sks red square"], [0], batch_size=1)
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a photo of sks red square", num_inference_steps=2, guidance_scale=3.5,
+                  height=16, width=16, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    np.testing.assert_allclose(ours / 255.0, theirs, atol=2 / 255)
+
+
+def test_flux_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_flux, tiny_dino,
+                                                                 concept_dirs):
+    from diffusers import FluxPipeline
+    from peft import PeftModel
+
+    cfg = _flux_config(tmp_path, tiny_flux, tiny_dino, concept_dirs,
+                       train={"lr": 5e-2, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0})
+    result = run(cfg, echo=lambda _: None)
+    assert result.R.shape == (3, 2) and np.isfinite(result.R).all()
+    adapter = result.run_dir / "tasks" / "02-circles" / "adapter"
+
+    def image(pipe):
+        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
+
+    def pipeline():
+        pipe = FluxPipeline.from_pretrained(str(tiny_flux))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipe = pipeline()
+    before = image(pipe)
+    pipe.load_lora_weights(str(adapter))
+    after = image(pipe)
+    assert np.abs(after - before).max() > 1e-3
+    plain = pipeline()
+    plain.transformer = PeftModel.from_pretrained(plain.transformer, str(adapter)) \
+        .merge_and_unload()
+    np.testing.assert_allclose(image(plain), after, atol=1e-4)

@@ -47,10 +47,12 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     # diffusers denoisers (no `model_type`: keyed by class): the attention projections, as
     # diffusers' and kohya's LoRA scripts default to.
     "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
-    # SD3's joint attention: the image stream's and the caption stream's projections (diffusers'
-    # SD3 DreamBooth LoRA script's targets).
+    # SD3's and FLUX's joint attention: the image stream's and the caption stream's projections
+    # (diffusers' SD3 and FLUX DreamBooth LoRA scripts' attention targets).
     "SD3Transformer2DModel": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
                               "add_v_proj", "to_add_out"],
+    "FluxTransformer2DModel": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                               "add_v_proj", "to_add_out"],
 }
 # Tried in order when the architecture is not in the table.
 FALLBACK_TARGETS = [["q_proj", "v_proj"], ["query", "value"], ["q", "v"], ["c_attn"], ["qkv"]]

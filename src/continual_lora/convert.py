@@ -92,21 +92,23 @@ def _read_peft_folder(folder: Path, component: str) -> dict[str, LoraModule]:
     return parse_peft(tensors, _read_peft_config(folder), component, folder)
 
 
-def _is_sd3_transformer(modules: dict[str, LoraModule]) -> bool:
-    """SD3's transformer paths start at its blocks (`transformer_blocks.0.attn.to_q`); a UNet's
-    start at `down_blocks`, `mid_block` or `up_blocks`."""
-    return all(m.path.startswith("transformer_blocks.") for m in modules.values())
+def _is_transformer_denoiser(modules: dict[str, LoraModule]) -> bool:
+    """SD3's and FLUX's transformer paths start at their blocks (`transformer_blocks.0.attn.to_q`,
+    `single_transformer_blocks.3.attn.to_k`); a UNet's at `down_blocks`, `mid_block` or
+    `up_blocks`."""
+    return all(m.path.startswith(("transformer_blocks.", "single_transformer_blocks."))
+               for m in modules.values())
 
 
 def read_peft(folder: Path, denoiser: str | None = None) -> LoadedLora:
     """A PEFT folder: the denoiser's adapter at its root (`denoiser`: "unet", or "transformer"
-    for SD3; by default told by its module paths), text encoders' in `text_encoder/` and
+    for SD3 and FLUX; by default told by its module paths), text encoders' in `text_encoder/` and
     `text_encoder_2/` subfolders when present (the layout `--to peft` writes)."""
     modules: dict[str, LoraModule] = {}
     base_model = None
     if (folder / CONFIG_FILE).is_file():
         found = _read_peft_folder(folder, denoiser or "unet")
-        if denoiser is None and _is_sd3_transformer(found):
+        if denoiser is None and _is_transformer_denoiser(found):
             found = {path: replace(m, component="transformer")
                      for path, m in found.items()}
         modules.update(found)

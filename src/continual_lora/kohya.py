@@ -604,8 +604,8 @@ def to_kohya(modules: Mapping[str, LoraModule]) -> dict[str, torch.Tensor]:
     otherwise untouched."""
     _require_paths(modules)
     if any(m.component == "transformer" for m in modules.values()):
-        raise LoraFormatError("this is an SD3 transformer LoRA; kohya's SD3 naming is not "
-                              "written yet: convert it --to diffusers or --to peft")
+        raise LoraFormatError("this is a transformer (SD3/FLUX) LoRA; kohya's naming for those "
+                              "is not written yet: convert it --to diffusers or --to peft")
     te1 = "lora_te1_" if any(m.component == "text_encoder_2" for m in modules.values()) \
         else "lora_te_"  # SDXL files say te1/te2; SD 1.x files say te
     out = {}

@@ -29,7 +29,14 @@ does (both CLIPs' penultimate states side by side, zero-padded to the T5 width, 
 T5 states, or zeros when the pipeline has no T5; the two pooled projections concatenated).
 Training is flow matching as diffusers' SD3 DreamBooth script: σ from a logit-normal draw of the
 training schedule, noisy = (1 − σ)·x0 + σ·ε, target ε − x0. Sampling is the flow-matching Euler
-scheduler with classifier-free guidance. FLUX and other transformer denoisers are refused.
+scheduler with classifier-free guidance.
+
+FLUX (`FluxTransformer2DModel`): the same flow matching on latents packed into 2×2 patches (the
+module packs and unpacks, so caches and losses stay in (C, H, W)); captions as `FluxPipeline`
+encodes them (T5's states, CLIP's pooled output); FLUX-dev's distilled guidance is an input
+(`model.guidance_scale`, in training as in diffusers' FLUX script) instead of a second pass;
+the sampler's σ grid and shift are the pipeline's. Samples equal the pipelines' own for the same
+seed (tests). Other denoisers are refused with a message.
 """
 
 from __future__ import annotations
@@ -65,7 +72,11 @@ SD3_T5_TOKENS = 256
 class DiffusionModule(nn.Module):
     """The denoiser (possibly PEFT-wrapped): noisy latents, timesteps, text conditions →
     prediction. This is what the optimizer and accelerate see. `added` is SDXL's
-    `added_cond_kwargs`, or SD3's `{"pooled": pooled projections}`."""
+    `added_cond_kwargs`, or SD3's and FLUX's `{"pooled": pooled projections}` (FLUX: and
+    `"guidance"`, its distilled guidance scale, when the transformer embeds one).
+
+    FLUX sees latents packed into 2×2 patches (`FluxPipeline._pack_latents`); they are packed
+    here and the prediction unpacked, so the family works in (C, H, W) latents for every kind."""
 
     def __init__(self, backbone: nn.Module, kind: str = "unet"):
         super().__init__()
@@ -77,13 +88,32 @@ class DiffusionModule(nn.Module):
             return self.backbone(hidden_states=noisy, timestep=timesteps,
                                  encoder_hidden_states=cond,
                                  pooled_projections=added["pooled"]).sample
+        if self.kind == "flux":
+            return self._flux(noisy, timesteps, cond, added)
         kwargs = {"added_cond_kwargs": added} if added else {}
         return self.backbone(noisy, timesteps, encoder_hidden_states=cond, **kwargs).sample
 
 
+    def _flux(self, noisy, timesteps, cond, added):
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device,
+                                                         noisy.dtype)
+        txt_ids = torch.zeros((cond.shape[1], 3), device=noisy.device, dtype=noisy.dtype)
+        out = self.backbone(hidden_states=packed, timestep=timesteps / 1000,
+                            guidance=added.get("guidance"), pooled_projections=added["pooled"],
+                            encoder_hidden_states=cond, txt_ids=txt_ids, img_ids=img_ids).sample
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 #: Denoiser classes the family trains: class name → (kind, pipeline subfolder).
 DENOISERS = {"UNet2DConditionModel": ("unet", "unet"),
-             "SD3Transformer2DModel": ("sd3", "transformer")}
+             "SD3Transformer2DModel": ("sd3", "transformer"),
+             "FluxTransformer2DModel": ("flux", "transformer")}
+#: Tokens of FLUX's T5 caption (`FluxPipeline`'s default max_sequence_length).
+FLUX_T5_TOKENS = 512
 
 
 class DiffusionFamily(ModelFamily):
@@ -176,10 +206,11 @@ class DiffusionFamily(ModelFamily):
             raise ConfigError(
                 f"model.name_or_path: {self.cfg.name_or_path!r} is a {type(pipe).__name__}"
                 f"{f' with a {name}' if denoiser is not None else ''}; the diffusion family "
-                "trains Stable Diffusion 1.x/2.x and SDXL (UNet) and SD3 (SD3Transformer2DModel) "
-                "pipelines. FLUX and other transformer denoisers are not supported yet.")
+                "trains Stable Diffusion 1.x/2.x and SDXL (UNet), SD3 (SD3Transformer2DModel) and "
+                "FLUX (FluxTransformer2DModel) pipelines.")
         self.denoiser_class = name
         self.kind = DENOISERS[name][0]
+        self.flow = self.kind in ("sd3", "flux")  # rectified flow: flow-matching schedule
         self.vae = pipe.vae.requires_grad_(False).eval()
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
         self.text_encoders = [getattr(pipe, n, None) for n in names]
@@ -196,9 +227,13 @@ class DiffusionFamily(ModelFamily):
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.kind == "sd3":
             downsampling = denoiser.config.patch_size
+        elif self.kind == "flux":
+            downsampling = 2  # the 2×2 packing
         else:
             downsampling = 2 ** (len(denoiser.config.block_out_channels) - 1)
-        self.image_size = self.cfg.image_size or denoiser.config.sample_size * self.vae_scale
+        # FLUX's config has no sample size: its pipeline's default is 128 latent pixels
+        latent_side = getattr(denoiser.config, "sample_size", None) or 128
+        self.image_size = self.cfg.image_size or latent_side * self.vae_scale
         if self.image_size % (self.vae_scale * downsampling):
             raise ConfigError(f"model.image_size {self.image_size} must be a multiple of "
                               f"{self.vae_scale * downsampling} (the VAE's and the denoiser's "
@@ -211,8 +246,8 @@ class DiffusionFamily(ModelFamily):
 
     def _set_schedulers(self, config) -> None:
         """The training schedule and the sampler: DDPM/DDIM for a UNet, flow matching (Euler)
-        for SD3."""
-        if self.kind == "sd3":
+        for SD3 and FLUX."""
+        if self.flow:
             from diffusers import FlowMatchEulerDiscreteScheduler
 
             self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -282,6 +317,8 @@ class DiffusionFamily(ModelFamily):
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.kind == "sd3":
             return self._encode_text_sd3(captions)
+        if self.kind == "flux":
+            return self._encode_text_flux(captions)
         states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             ids = tokenizer(captions, padding="max_length", truncation=True,
@@ -315,13 +352,30 @@ class DiffusionFamily(ModelFamily):
             t5_states = t5(ids.to(self.device))[0]
         return torch.cat([clip, t5_states.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
 
+    def _encode_text_flux(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `FluxPipeline.encode_prompt`: T5's states (512 tokens) and CLIP's pooled output."""
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = self.tokenizers, self.text_encoders
+        ids = clip_tokenizer(captions, padding="max_length", truncation=True,
+                             max_length=clip_tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
+        ids = t5_tokenizer(captions, padding="max_length", truncation=True,
+                           max_length=FLUX_T5_TOKENS, return_tensors="pt").input_ids
+        return t5(ids.to(self.device), output_hidden_states=False)[0], pooled
+
     def _conditions(self, captions: list[str]) -> tuple[torch.Tensor, dict | None]:
         self.cache_text(captions)
         dtype = self.module.backbone.dtype
         cond = torch.stack([self._text[c][0] for c in captions]).to(self.device, dtype)
-        if self.kind == "sd3":
+        if self.flow:
             pooled = torch.stack([self._text[c][1] for c in captions]).to(self.device, dtype)
-            return cond, {"pooled": pooled}
+            added = {"pooled": pooled}
+            if self.kind == "flux" and self.module.backbone.config.guidance_embeds:
+                # FLUX-dev is guidance-distilled: the scale is an input, in training too (as
+                # diffusers' FLUX DreamBooth script), not a second pass
+                added["guidance"] = torch.full((len(captions),), self.cfg.guidance_scale,
+                                               device=self.device, dtype=torch.float32)
+            return cond, added
         if not self.sdxl:
             return cond, None
         pooled = torch.stack([self._text[c][1] for c in captions]).to(self.device, dtype)
@@ -372,7 +426,7 @@ class DiffusionFamily(ModelFamily):
         """Training timesteps: uniform over the DDPM schedule; for flow matching, diffusers'
         SD3 default (a logit-normal draw of the schedule's index)."""
         steps = self.noise_scheduler.config.num_train_timesteps
-        if self.kind != "sd3":
+        if not self.flow:
             return torch.randint(0, steps, (n,), generator=generator)
         u = torch.sigmoid(torch.randn((n,), generator=generator))
         index = (u * steps).long().clamp(max=steps - 1)
@@ -380,14 +434,14 @@ class DiffusionFamily(ModelFamily):
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
-        if self.kind != "sd3":
+        if not self.flow:
             return self.noise_scheduler.add_noise(latents, noise, timesteps)
         sigma = self._sigma(timesteps, latents)
         return (1.0 - sigma) * latents + sigma * noise
 
     def training_target(self, latents: torch.Tensor, noise: torch.Tensor,
                         timesteps: torch.Tensor) -> torch.Tensor:
-        if self.kind == "sd3":
+        if self.flow:
             return noise - latents  # the flow's velocity
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -438,14 +492,17 @@ class DiffusionFamily(ModelFamily):
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], seeds: list[int], batch_size: int,
                        steps: int | None = None) -> torch.Tensor:
-        """DDIM samples (latents) of `prompts[i]` from the noise of `seeds[i]`, with
-        classifier-free guidance; the noise is drawn on the CPU, so a seed gives the same
-        image on any device."""
+        """Samples (latents) of `prompts[i]` from the noise of `seeds[i]`: DDIM (UNet) or
+        Euler flow matching (SD3, FLUX), with classifier-free guidance (FLUX: none, its
+        guidance is an input of the transformer); the noise is drawn on the CPU, so a seed gives
+        the same image on any device."""
         steps = steps or self.cfg.inference_steps
         denoiser = self.module
         channels = self.module.backbone.config.in_channels
+        if self.kind == "flux":
+            channels //= 4  # in_channels counts the 2×2 packed latent
         side = self.image_size // self.vae_scale
-        guidance = self.cfg.guidance_scale
+        guidance = 1.0 if self.kind == "flux" else self.cfg.guidance_scale
         out = []
         with self._eval():
             for start in range(0, len(prompts), batch_size):
@@ -476,16 +533,21 @@ class DiffusionFamily(ModelFamily):
 
     def _set_sampler_steps(self, steps: int, side: int) -> None:
         config = self.sampler.config
-        if self.kind == "sd3" and config.get("use_dynamic_shifting"):
-            # SD3.5-style schedules shift by the image's token count, as the pipeline does
+        if self.flow and config.get("use_dynamic_shifting"):
+            # FLUX (and SD3.5-style) schedules shift by the image's token count, as the
+            # pipelines do
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
                 calculate_shift,
             )
 
-            tokens = (side // self.module.backbone.config.patch_size) ** 2
+            patch = 2 if self.kind == "flux" else self.module.backbone.config.patch_size
+            tokens = (side // patch) ** 2
             mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
                                  config.base_shift, config.max_shift)
-            self.sampler.set_timesteps(steps, device=self.device, mu=mu)
+            # FluxPipeline passes its own σ grid, 1 → 1/steps; SD3's pipeline takes the default
+            sigmas = np.linspace(1.0, 1 / steps, steps) if self.kind == "flux" else None
+            self.sampler.set_timesteps(None if sigmas is not None else steps,
+                                       device=self.device, sigmas=sigmas, mu=mu)
         else:
             self.sampler.set_timesteps(steps, device=self.device)
 
