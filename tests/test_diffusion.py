@@ -464,7 +464,7 @@ def test_sd3_flow_matching_noise_and_target(tmp_path, tiny_sd3, tiny_dino, conce
 
 
 def test_sd3_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_sd3, tiny_dino,
-                                                                concept_dirs):
+                                                                concept_dirs, tiny_pipeline):
     from diffusers import StableDiffusion3Pipeline
     from peft import PeftModel
 
@@ -507,6 +507,12 @@ def test_sd3_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_s
     with pytest.raises(Exception, match="transformer .SD3/FLUX. LoRA.*--to diffusers"):
         convert(adapter, "kohya", tmp_path / "sd3.safetensors", echo=lambda _: None)
     assert not (tmp_path / "sd3.safetensors").exists()
+    said: list[str] = []  # checked against its base by name and shape, module by module
+    convert(adapter, "peft", tmp_path / "sd3-peft", base=tiny_sd3, echo=said.append)
+    assert any("matched" in line and "unmatched" not in line for line in said), said
+    with pytest.raises(Exception, match="transformer"):  # an SD3 LoRA on an SD1-shaped base
+        convert(adapter, "peft", tmp_path / "sd1-peft", base=tiny_pipeline, echo=lambda _: None)
+    assert not (tmp_path / "sd1-peft").exists()
 
 
 @pytest.fixture(scope="module")
