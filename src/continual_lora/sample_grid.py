@@ -11,12 +11,14 @@ import numpy as np
 from continual_lora.checkpoint import write_bytes_atomic
 
 CELL = 96  # pixels per cell at least: 32-pixel samples are shown 3× (nearest neighbour)
-LABEL_WIDTH = 150
+LABEL_WIDTH = 150  # about 22 characters of PIL's default font
+LINE_HEIGHT = 12
 
 
 def save_grid(rows: dict[str, np.ndarray], path: Path, columns: int = 8) -> Path:
     """Write `rows` (name → uint8 images (N, H, W, 3)) as one PNG, the first `columns`
-    images of each row; returns the path."""
+    images of each row; returns the path. A name may have several lines (`\n`): as many as
+    fit the cell are drawn, each cut to the label column's width."""
     from PIL import Image, ImageDraw
 
     side = max(img.shape[1] for img in rows.values())
@@ -26,7 +28,10 @@ def save_grid(rows: dict[str, np.ndarray], path: Path, columns: int = 8) -> Path
     canvas = Image.new("RGB", (LABEL_WIDTH + n_cols * cell, len(rows) * cell), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (name, images) in enumerate(rows.items()):
-        draw.text((6, r * cell + cell // 2 - 6), name[:22], fill="black")
+        lines = name.split("\n")[:max(1, cell // LINE_HEIGHT)]
+        top = r * cell + (cell - LINE_HEIGHT * len(lines)) // 2
+        for i, line in enumerate(lines):
+            draw.text((6, top + i * LINE_HEIGHT), line[:22], fill="black")
         for c, image in enumerate(images[:n_cols]):
             tile = Image.fromarray(image).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (LABEL_WIDTH + c * cell, r * cell))

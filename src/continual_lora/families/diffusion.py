@@ -65,6 +65,8 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
+#: Samples per row of a stage's grid (samples/stage-NN.png).
+GRID_COLUMNS = 8
 #: T5 tokens of an SD3 caption (`StableDiffusion3Pipeline`'s default max_sequence_length).
 SD3_T5_TOKENS = 256
 
@@ -485,7 +487,7 @@ class DiffusionFamily(ModelFamily):
             return None
         from continual_lora.sample_grid import save_grid
 
-        return save_grid(self.samples, folder / f"stage-{stage:02d}.png")
+        return save_grid(self.samples, folder / f"stage-{stage:02d}.png", GRID_COLUMNS)
 
     # -- sampling and scoring ------------------------------------------------------------------
 
@@ -655,8 +657,11 @@ class DiffusionFamily(ModelFamily):
                 [s for _ in probe.prompts for s in probe.seeds])
 
     def score_upstream(self, probe, batch_size: int) -> TaskScore:
-        images = self.sample(*self._probe_prompts(probe), batch_size)
-        self.samples["upstream"] = images
+        prompts, seeds = self._probe_prompts(probe)
+        images = self.sample(prompts, seeds, batch_size)
+        # the grid shows the row's first GRID_COLUMNS samples: name the prompts they are of
+        shown = list(dict.fromkeys(prompts[:GRID_COLUMNS]))
+        self.samples["\n".join(["upstream:", *shown])] = images
         scorer = self._scorers(self._primary())[0]
         embedded = self.encoder(scorer).images(images)
         if probe.references is None:  # drift from the starting model's own samples
