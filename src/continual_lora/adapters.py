@@ -33,6 +33,11 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "albert": ["query", "value"],
     "modernbert": ["Wqkv"],
     "vit": ["q_proj", "v_proj"],
+    # Vision CNNs (seed 002 adapts ResNet-50's convolutions; PEFT has Conv2d LoRA): every
+    # ResNet convolution (stem, 3x3 and 1x1 of each block, shortcuts); ConvNeXt's pointwise
+    # layers (its depthwise convolutions are grouped, which a LoRA factorisation does not keep).
+    "resnet": ["convolution"],
+    "convnext": ["pwconv1", "pwconv2"],
     # Causal LMs: attention and MLP projections (seed 004 and QLoRA adapt every linear layer).
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
