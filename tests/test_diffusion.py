@@ -199,32 +199,46 @@ def test_every_strategy_runs_and_writes_the_run_folder(tmp_path, tiny_pipeline, 
     assert metrics["acc"] == pytest.approx(result.R[-1].mean())
 
 
+def _image(pipe):
+    """The test prompt's image at seed 0, 2 steps, 16 pixels."""
+    return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(0), height=16, width=16).images
+
+
+def _assert_loads_like_peft(load_pipeline, adapter, denoiser: str) -> None:
+    """`pipeline.load_lora_weights(adapter)` changes the image, and the PEFT copy merged into
+    the pipeline's `denoiser` by PEFT gives the same image (alpha/rank kept)."""
+    from peft import PeftModel
+
+    pipe = load_pipeline()
+    before = _image(pipe)
+    pipe.load_lora_weights(str(adapter))
+    after = _image(pipe)
+    assert np.abs(after - before).max() > 1e-3
+    plain = load_pipeline()
+    merged = PeftModel.from_pretrained(getattr(plain, denoiser), str(adapter)).merge_and_unload()
+    setattr(plain, denoiser, merged)
+    np.testing.assert_allclose(_image(plain), after, atol=1e-4)
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_run_adapter_loads_in_a_diffusers_pipeline(tmp_path, tiny_pipeline, tiny_dino,
                                                    concept_dirs):
     """The stage adapter we write loads with `pipeline.load_lora_weights` and changes the
     image; the PEFT copy loaded on the UNet gives the same image."""
     from diffusers import StableDiffusionPipeline
-    from peft import PeftModel
 
     cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs,
                   train={"lr": 5e-2, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0})
     result = run(cfg, echo=lambda _: None)
     adapter = result.run_dir / "tasks" / "02-circles" / "adapter"
-
-    def image(pipe):
-        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
-                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
-    pipe.set_progress_bar_config(disable=True)
-    before = image(pipe)
-    pipe.load_lora_weights(str(adapter))
-    after = image(pipe)
-    assert np.abs(after - before).max() > 1e-3
-    plain = StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))
-    plain.set_progress_bar_config(disable=True)
-    plain.unet = PeftModel.from_pretrained(plain.unet, str(adapter)).merge_and_unload()
-    np.testing.assert_allclose(image(plain), after, atol=1e-4)
+    _assert_loads_like_peft(
+        lambda: _quiet(StableDiffusionPipeline.from_pretrained(str(tiny_pipeline))), adapter,
+        "unet")
 
 
 def test_eval_rescores_a_stage_exactly(tmp_path, tiny_pipeline, tiny_dino, concept_dirs):
@@ -379,16 +393,9 @@ def test_sdxl_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_
     result = run(cfg, echo=lambda _: None)
     assert result.R.shape == (3, 2) and np.isfinite(result.R).all()
     assert (result.run_dir / "samples" / "stage-02.png").is_file()
-
-    def image(pipe):
-        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
-                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
-    pipe.set_progress_bar_config(disable=True)
-    before = image(pipe)
-    pipe.load_lora_weights(str(result.run_dir / "tasks" / "02-circles" / "adapter"))
-    assert np.abs(image(pipe) - before).max() > 1e-3
+    _assert_loads_like_peft(
+        lambda: _quiet(StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))),
+        result.run_dir / "tasks" / "02-circles" / "adapter", "unet")
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +473,6 @@ def test_sd3_flow_matching_noise_and_target(tmp_path, tiny_sd3, tiny_dino, conce
 def test_sd3_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_sd3, tiny_dino,
                                                                 concept_dirs, tiny_pipeline):
     from diffusers import StableDiffusion3Pipeline
-    from peft import PeftModel
 
     cfg = _config(tmp_path, tiny_sd3, tiny_dino, concept_dirs, strategy="lwf",
                   train={"lr": 5e-2, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0})
@@ -476,26 +482,9 @@ def test_sd3_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_s
     adapter = result.run_dir / "tasks" / "02-circles" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert {"to_q", "add_q_proj", "to_add_out"} <= set(config["target_modules"])
-
-    def image(pipe):
-        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
-                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
-
-    def pipeline():
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3), text_encoder_3=None,
-                                                        tokenizer_3=None)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    pipe = pipeline()
-    before = image(pipe)
-    pipe.load_lora_weights(str(adapter))
-    after = image(pipe)
-    assert np.abs(after - before).max() > 1e-3
-    plain = pipeline()  # the PEFT copy, merged by PEFT: the same image (alpha/rank kept)
-    plain.transformer = PeftModel.from_pretrained(plain.transformer, str(adapter)) \
-        .merge_and_unload()
-    np.testing.assert_allclose(image(plain), after, atol=1e-4)
+    _assert_loads_like_peft(
+        lambda: _quiet(StableDiffusion3Pipeline.from_pretrained(
+            str(tiny_sd3), text_encoder_3=None, tokenizer_3=None)), adapter, "transformer")
 
     # `convert` tells an SD3 adapter by its paths: transformer keys, and no kohya file
     from safetensors.torch import load_file
@@ -564,34 +553,26 @@ def test_flux_samples_are_the_pipelines_own(tmp_path, tiny_flux, tiny_dino, conc
                   height=16, width=16, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     np.testing.assert_allclose(ours / 255.0, theirs, atol=2 / 255)
+    # a schedule without dynamic shifting (FLUX-schnell's): still the pipeline's σ grid
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family.sampler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    ours = family.sample(["a photo of sks red square"], [0], batch_size=1)
+    theirs = pipe("a photo of sks red square", num_inference_steps=2, guidance_scale=3.5,
+                  height=16, width=16, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    np.testing.assert_allclose(ours / 255.0, theirs, atol=2 / 255)
 
 
 def test_flux_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_flux, tiny_dino,
                                                                  concept_dirs):
     from diffusers import FluxPipeline
-    from peft import PeftModel
 
     cfg = _flux_config(tmp_path, tiny_flux, tiny_dino, concept_dirs,
                        train={"lr": 5e-2, "batch_size": 4, "max_steps": 3, "warmup_ratio": 0.0})
     result = run(cfg, echo=lambda _: None)
     assert result.R.shape == (3, 2) and np.isfinite(result.R).all()
     adapter = result.run_dir / "tasks" / "02-circles" / "adapter"
-
-    def image(pipe):
-        return pipe("a photo of sks blue circle", num_inference_steps=2, output_type="np",
-                    generator=torch.Generator().manual_seed(0), height=16, width=16).images
-
-    def pipeline():
-        pipe = FluxPipeline.from_pretrained(str(tiny_flux))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    pipe = pipeline()
-    before = image(pipe)
-    pipe.load_lora_weights(str(adapter))
-    after = image(pipe)
-    assert np.abs(after - before).max() > 1e-3
-    plain = pipeline()
-    plain.transformer = PeftModel.from_pretrained(plain.transformer, str(adapter)) \
-        .merge_and_unload()
-    np.testing.assert_allclose(image(plain), after, atol=1e-4)
+    _assert_loads_like_peft(lambda: _quiet(FluxPipeline.from_pretrained(str(tiny_flux))),
+                            adapter, "transformer")

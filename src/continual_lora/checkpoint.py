@@ -42,7 +42,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    """The process's umask, read without changing it where Linux shows it (setting it, even
+    for an instant, would give a file another thread creates meanwhile the wrong mode)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)  # elsewhere the only way to read it is to set it: put it straight back
     os.umask(mask)
     return mask
 

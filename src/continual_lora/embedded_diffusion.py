@@ -99,8 +99,6 @@ def embedded_diffusion_path(recipe: DiffusionRecipe | None = None, cache_root: P
     recipe = recipe or DiffusionRecipe()
     root = (cache_root or default_cache_root()) / "embedded-diffusion"
     folder = root / f"silhouette-diffusion-{recipe.key()}"
-    if (folder / "recipe.json").is_file():
-        return folder
 
     def build(tmp: Path) -> None:
         echo(f"building the embedded diffusion model (first use; cached in {folder})")

@@ -126,7 +126,7 @@ class DiffusionFamily(ModelFamily):
         "R[t][i]: task i's score after training through task t (row 0: before training): the "
         "mean cosine similarity of its prompts' fixed-seed samples to its reference images "
         "under the first scorer (`scored_with`; `details` holds every image metric, CLIP-T "
-        "prompt fidelity and `correct`, the fraction of samples nearest their own task's "
+        "prompt fidelity and `recognised`, the fraction of samples nearest their own task's "
         "references). U[t]: the upstream probe's score the same way (`concepts`: samples of the "
         "pretraining classes against their references, `recognised` the fraction nearest their "
         "own class; `sample_drift`: similarity to the base model's samples at the same seeds).")
@@ -242,7 +242,6 @@ class DiffusionFamily(ModelFamily):
                               "downsampling)")
         denoiser.requires_grad_(False)
         self._fingerprint = fingerprint_module(denoiser)
-        self.hidden_size = int(self.text_encoders[0].config.hidden_size)
         self.module = DiffusionModule(denoiser, self.kind)
         del pipe
 
@@ -534,24 +533,23 @@ class DiffusionFamily(ModelFamily):
         return torch.cat(out)
 
     def _set_sampler_steps(self, steps: int, side: int) -> None:
-        config = self.sampler.config
+        """The sampler's steps as each pipeline sets them: FluxPipeline passes its own σ grid
+        (1 → 1/steps, shifted or not); FLUX and SD3.5-style schedules with dynamic shifting
+        shift by the image's token count."""
+        config, kwargs = self.sampler.config, {}
+        if self.kind == "flux":
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         if self.flow and config.get("use_dynamic_shifting"):
-            # FLUX (and SD3.5-style) schedules shift by the image's token count, as the
-            # pipelines do
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
                 calculate_shift,
             )
 
             patch = 2 if self.kind == "flux" else self.module.backbone.config.patch_size
-            tokens = (side // patch) ** 2
-            mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
-                                 config.base_shift, config.max_shift)
-            # FluxPipeline passes its own σ grid, 1 → 1/steps; SD3's pipeline takes the default
-            sigmas = np.linspace(1.0, 1 / steps, steps) if self.kind == "flux" else None
-            self.sampler.set_timesteps(None if sigmas is not None else steps,
-                                       device=self.device, sigmas=sigmas, mu=mu)
-        else:
-            self.sampler.set_timesteps(steps, device=self.device)
+            kwargs["mu"] = calculate_shift((side // patch) ** 2, config.base_image_seq_len,
+                                           config.max_image_seq_len, config.base_shift,
+                                           config.max_shift)
+        self.sampler.set_timesteps(None if "sigmas" in kwargs else steps, device=self.device,
+                                   **kwargs)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 32) -> np.ndarray:
