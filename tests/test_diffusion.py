@@ -576,3 +576,19 @@ def test_flux_pipeline_trains_and_its_adapter_loads_in_diffusers(tmp_path, tiny_
     adapter = result.run_dir / "tasks" / "02-circles" / "adapter"
     _assert_loads_like_peft(lambda: _quiet(FluxPipeline.from_pretrained(str(tiny_flux))),
                             adapter, "transformer")
+
+
+def test_lwf_with_prior_preservation_caches_the_class_images_too(tmp_path, tiny_pipeline,
+                                                                 tiny_dino, concept_dirs):
+    """lwf's teacher cache is built before the family adds a task's prior images: it must
+    cover them (their example ids come after the task's own), not stop at the task's own."""
+    tasks = [{"name": "squares", "images": str(concept_dirs[0])},
+             {"name": "circles", "images": str(concept_dirs[1]),
+              "class_prompt": "a photo of a circle", "prior_images": 3}]
+    cfg = _config(tmp_path, tiny_pipeline, tiny_dino, concept_dirs, strategy="lwf",
+                  tasks=tasks, train={"lr": 1e-3, "batch_size": 7, "max_steps": 2,
+                                      "warmup_ratio": 0.0})
+    result = run(cfg, echo=lambda _: None)  # every batch holds all 7 circles examples
+    assert np.isfinite(result.R).all()
+    stats = json.loads((result.run_dir / "results.json").read_text())["training"]
+    assert [s["steps"] for s in stats] == [2, 2]

@@ -390,11 +390,17 @@ class DiffusionFamily(ModelFamily):
     def begin_task(self, task: TaskData, tasks: list[TaskData], trainable_tasks: list[int],
                    reinit_tasks: list[int]) -> None:
         self._tasks[task.index] = task
-        if task.prior and not task.manifest.get("prior_images_added"):
-            self._add_prior_images(task)
+        self.complete_task_data(task)
         records = task.train.records
         self.cache_latents([r["image"] for r in records if not r.get("latent_only")])
         self.cache_text([r["caption"] for r in records])
+
+    def complete_task_data(self, task: TaskData) -> None:
+        """Add the task's prior-preservation images, once, sampled from the model as it is
+        now (before the task). Strategies that cache something per training example before
+        the family's `begin_task` (lwf's teacher) call it first, so the cache covers them."""
+        if task.prior and not task.manifest.get("prior_images_added"):
+            self._add_prior_images(task)
 
     def collate(self, examples: list[tuple[int, int]], tasks: dict[int, TaskData]) -> dict:
         rows = [tasks[t].train.records[i] for t, i in examples]

@@ -120,6 +120,7 @@ class DenoiserCache:
 def teacher_predictions(family, task, draws: int, seed: int, batch_size: int) -> DenoiserCache:
     """The model as it is before the task, on fixed noisy versions of the task's images (the
     diffusion analogue of LwF's cached old-head logits; no regularization images needed)."""
+    family.complete_task_data(task)  # prior images are training examples too
     records = task.train.records
     family.cache_latents([r["image"] for r in records if not r.get("latent_only")])
     latents = torch.stack([family.latent(r["image"].key) for r in records])
