@@ -22,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 EMBEDDED_LM = "embedded:wordnet-llama"
 EMBEDDED_DIFFUSION = "embedded:silhouette-diffusion"
+EMBEDDED_VIT = "embedded:vit"
+EMBEDDED_RESNET = "embedded:resnet"
+#: The embedded vision models (pretrained in-process on an upstream split; see
+#: embedded_vision.py), by name → architecture.
+EMBEDDED_VISION = {EMBEDDED_VIT: "vit", EMBEDDED_RESNET: "resnet"}
 EMBEDDED_MODELS = {"classifier": EMBEDDED_MODEL, "causal_lm": EMBEDDED_LM,
                    "diffusion": EMBEDDED_DIFFUSION}
 
@@ -171,13 +176,21 @@ class TaskConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=64)
     """Task name (letters, digits, `_.-`); used in folder names."""
     train: str | None = None
-    """Training file (CSV, JSON lines, JSON or Parquet), relative to the config file."""
+    """Training file (CSV, JSON lines, JSON or Parquet), relative to the config file; for an
+    image classifier also a folder with one subfolder of images per class."""
     eval: str | None = None
-    """Held-out file (same formats), relative to the config file."""
+    """Held-out file or image folder (same formats), relative to the config file."""
     wordnet: list[str] | None = None
     """Built-in data (classifier): WordNet glosses labelled by lexicographer category, one class
     per entry (`noun.animal`); `noun.animal+noun.plant` makes one class of several
     categories."""
+    image_classes: list[str] | None = None
+    """Built-in data (image classifier): classes of the embedded images (`animal-mnist`
+    animals `bear` ... `zebra`, scikit-learn digits `zero` ... `nine`), one class each,
+    `train_per_class` + `eval_per_class` images per class."""
+    image_column: str = "image"
+    """Image classifier, `train`/`eval` table files: the column holding the image (a `datasets`
+    Image feature, or a path relative to the file)."""
     facts: int | None = Field(None, ge=1, le=20)
     """Built-in data (causal LM): round N of the WordNet fact rounds (question/answer pairs
     about hypernyms, synonyms and categories; rounds have disjoint subjects). The held-out split
@@ -242,14 +255,15 @@ class TaskConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> TaskConfig:
         files = self.train is not None or self.eval is not None
-        built_in = [k for k in ("wordnet", "facts", "images", "dataset_config", "concept")
+        built_in = [k for k in ("wordnet", "image_classes", "facts", "images", "dataset_config",
+                                "concept")
                     if getattr(self, k) is not None]
         if (files and built_in) or len(built_in) > 1:
             raise ValueError("give one data source: `train`+`eval` files, `wordnet` categories, "
-                             "`facts`, `images`, `dataset_config` or `concept`")
+                             "`image_classes`, `facts`, `images`, `dataset_config` or `concept`")
         if not files and not built_in:
-            raise ValueError("a task needs `train` and `eval` files, `wordnet` categories "
-                             "(classifier), `facts` (causal LM), or `images`, "
+            raise ValueError("a task needs `train` and `eval` files, `wordnet` categories or "
+                             "`image_classes` (classifier), `facts` (causal LM), or `images`, "
                              "`dataset_config` or `concept` (diffusion)")
         if self.prior_images and not self.class_prompt:
             raise ValueError("prior_images needs class_prompt (the prompt the prior images are "
@@ -260,15 +274,20 @@ class TaskConfig(Strict):
                              "file")
         if self.wordnet is not None and len(set(self.wordnet)) < 2:
             raise ValueError("`wordnet` needs at least two distinct categories (one class each)")
+        if self.image_classes is not None and len(set(self.image_classes)) < 2:
+            raise ValueError("`image_classes` needs at least two distinct classes")
         return self
 
 
 class UpstreamConfig(Strict):
-    kind: Literal["auto", "wordnet_retrieval", "general_text", "text_file", "concepts",
-                  "sample_drift", "none"] = "auto"
+    kind: Literal["auto", "wordnet_retrieval", "classes", "general_text", "text_file",
+                  "concepts", "sample_drift", "none"] = "auto"
     """Upstream probe, what the base could do before training: `wordnet_retrieval` (classifier:
     find a gloss's word among candidates by embedding similarity, no head involved),
-    `general_text` (causal LM: perplexity on held-out general text shipped with the package),
+    `classes` (image classifier: accuracy of the model's own pretrained classification head,
+    frozen, on held-out images of its classes: the embedded vision models' held-out split, or
+    `images`), `general_text` (causal LM: perplexity on held-out general text shipped with
+    the package),
     `text_file` (causal LM: perplexity on `file`), `concepts` (embedded diffusion model: samples
     of its pretraining classes against their real images), `sample_drift` (diffusion: samples
     of `prompts` against the starting model's samples at the same seeds), `none`; `auto`: the
@@ -278,6 +297,9 @@ class UpstreamConfig(Strict):
     file: str | None = None
     """`text_file` only: a file of general text (column `text`) the base model is good at,
     relative to the config file (a sample of its pretraining-like data)."""
+    images: str | None = None
+    """`classes` only: a folder with one subfolder of held-out images per pretraining class,
+    named as in the model's `id2label` (unknown names are an error)."""
     prompts: list[str] | None = None
     """Diffusion `sample_drift`: the prompts (default: a few generic ones)."""
 
@@ -294,10 +316,10 @@ class StrategyConfig(Strict):
 
 
 # What each model family accepts: task data sources, scorers, upstream probes (first: default).
-ALL_SOURCES = ("train", "wordnet", "facts", "images", "dataset_config", "concept")
+ALL_SOURCES = ("train", "wordnet", "image_classes", "facts", "images", "dataset_config", "concept")
 FAMILY_FITS: dict[str, dict[str, tuple[str, ...]]] = {
-    "classifier": {"sources": ("train", "wordnet"), "scorers": ("accuracy",),
-                   "upstream": ("wordnet_retrieval",)},
+    "classifier": {"sources": ("train", "wordnet", "image_classes"), "scorers": ("accuracy",),
+                   "upstream": ("wordnet_retrieval", "classes")},
     "causal_lm": {"sources": ("train", "facts"), "scorers": ("exact_match", "perplexity"),
                   "upstream": ("general_text", "text_file")},
     "diffusion": {"sources": ("images", "dataset_config", "concept"),
@@ -345,6 +367,9 @@ class RunConfig(Strict):
             kind = fits["upstream"][0]
             if family == "diffusion" and self.model.name_or_path != EMBEDDED_DIFFUSION:
                 kind = "sample_drift"  # only the embedded model has real images of its classes
+            if family == "classifier" and (self.model.name_or_path in EMBEDDED_VISION
+                                           or up.images is not None):
+                kind = "classes"
             object.__setattr__(up, "kind", kind)
         if up.kind != "none" and up.kind not in fits["upstream"]:
             raise ValueError(f"upstream.kind {up.kind!r} does not score a {family} model; use "
@@ -352,6 +377,13 @@ class RunConfig(Strict):
         if up.kind == "concepts" and self.model.name_or_path != EMBEDDED_DIFFUSION:
             raise ValueError("upstream.kind 'concepts' needs the embedded diffusion model (it "
                              "knows its pretraining classes); use sample_drift")
+        if up.kind == "classes" and up.images is None and \
+                self.model.name_or_path not in EMBEDDED_VISION:
+            raise ValueError("upstream.kind 'classes' needs upstream.images (a folder of held-out "
+                             "images, one subfolder per class of the model's id2label) unless "
+                             "the model is embedded:vit or embedded:resnet")
+        if up.images is not None and up.kind != "classes":
+            raise ValueError("upstream.images is used by upstream.kind classes only")
         if (up.kind == "text_file") != (up.file is not None):
             raise ValueError("upstream.file is needed by, and only by, upstream.kind text_file")
         if up.prompts is not None and up.kind != "sample_drift":
@@ -401,7 +433,8 @@ class RunConfig(Strict):
             for key in ("train", "eval"):
                 if task.get(key):
                     task[key] = str(self.resolve_path(task[key]).resolve())
-        for section, key in (("lora", "init_adapter"), (None, "data_dir"), ("upstream", "file")):
+        for section, key in (("lora", "init_adapter"), (None, "data_dir"), ("upstream", "file"),
+                             ("upstream", "images")):
             node = data[section] if section else data
             if node.get(key):
                 node[key] = str(self.resolve_path(node[key]).resolve())

@@ -299,7 +299,7 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
             _write_media(run_dir, family, task.index, echo)
             _save_stage(ctx, strategy, stage_dir, stage_lineage, facts)
             write_json_atomic(run_dir / "plan.json", plan)
-            _write_predictions(run_dir, tasks, rows)
+            _write_predictions(run_dir, tasks, rows, probe)
             # last: results.json marks the stage done
             _write_results(run_dir, family, tasks, rows, stats, reports)
             prune(ckpt_dir, 1)  # the task's end weights, to rebuild its state on a resume
@@ -385,7 +385,9 @@ def _write_results(run_dir: Path, family, tasks, rows: list[Row], stats: list[di
     write_json_atomic(run_dir / "results.json", results)
 
 
-def _write_predictions(run_dir: Path, tasks, rows: list[Row]) -> None:
+def _write_predictions(run_dir: Path, tasks, rows: list[Row], probe=None) -> None:
+    """Per-example correctness at every stage, with each task's labels and class names (and
+    the upstream probe's, when it has classes), so per-class forgetting can be read back."""
     arrays = {}
     for t, row in enumerate(rows):
         for task, correct in zip(tasks, row.correct, strict=True):
@@ -394,6 +396,10 @@ def _write_predictions(run_dir: Path, tasks, rows: list[Row]) -> None:
             arrays[f"correct/stage{t}/upstream"] = row.upstream_correct
     for task in tasks:
         arrays[f"labels/{task.name}"] = task.eval.labels
+        arrays[f"classes/{task.name}"] = np.array(task.classes, dtype=str)
+    if getattr(probe, "classes", None) is not None:
+        arrays["labels/upstream"] = np.asarray(probe.labels)
+        arrays["classes/upstream"] = np.array(probe.classes, dtype=str)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     write_bytes_atomic(run_dir / "predictions.npz", buffer.getvalue())

@@ -34,6 +34,9 @@ class Split:
     texts: list[str]
     labels: np.ndarray
     records: list[dict] | None = None
+    #: image classifier: one image per example (uint8 array, file path or PIL image); `texts`
+    #: then hold display names
+    images: list | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -65,6 +68,18 @@ class RetrievalProbe:
     name: str
     queries: list[str]
     keys: list[str]
+    manifest: dict = field(default_factory=dict)
+
+
+@dataclass
+class ClassProbe:
+    """Upstream probe of an image classifier: held-out images of the classes its own
+    (pretrained, frozen) head predicts; `labels` index `classes`."""
+
+    name: str
+    images: list
+    labels: np.ndarray
+    classes: list[str]
     manifest: dict = field(default_factory=dict)
 
 
@@ -259,7 +274,8 @@ def load_wordnet_task(cfg: TaskConfig, index: int, run: RunConfig,
     return TaskData(index, cfg.name, classes, train, held_out, cfg.repeats, cfg.weight, manifest)
 
 
-def load_sequence(run: RunConfig) -> tuple[list[TaskData], RetrievalProbe | TextProbe | None]:
+def load_sequence(run: RunConfig) -> tuple[list[TaskData],
+                                           RetrievalProbe | ClassProbe | TextProbe | None]:
     """Load every task of the run, and the upstream probe (held apart from the tasks' data)."""
     if run.model.family == "causal_lm":
         from continual_lora.lm_data import load_lm_sequence
@@ -269,17 +285,29 @@ def load_sequence(run: RunConfig) -> tuple[list[TaskData], RetrievalProbe | Text
         from continual_lora.diffusion_data import load_diffusion_sequence
 
         return load_diffusion_sequence(run)
+    from continual_lora import image_tasks
+
     probe, exclude = None, set()
     if run.upstream.kind == "wordnet_retrieval":
         probe, exclude = wordnet_upstream(run.upstream.size)
+    elif run.upstream.kind == "classes":
+        probe = image_tasks.load_class_probe(run)
     tasks = []
     for i, task_cfg in enumerate(run.tasks, start=1):
         if task_cfg.wordnet:
             tasks.append(load_wordnet_task(task_cfg, i, run, exclude))
+        elif task_cfg.image_classes:
+            tasks.append(image_tasks.load_image_classes_task(task_cfg, i, run))
+        elif image_tasks.is_image_file_task(run, task_cfg):
+            tasks.append(image_tasks.load_image_file_task(task_cfg, i, run))
         else:
             tasks.append(load_file_task(task_cfg, i, run))
         if len(tasks[-1].eval) == 0:
             raise ConfigError(f"tasks.{i - 1} ({task_cfg.name}): the held-out split is empty")
+    kinds = {t.train.images is not None for t in tasks}
+    if len(kinds) > 1:
+        raise ConfigError("tasks: some tasks hold images and some hold text; one classifier "
+                          "reads one kind of input")
     return tasks, probe
 
 

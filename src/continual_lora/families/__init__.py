@@ -15,6 +15,10 @@ def make_family(cfg: ModelConfig, seed: int = 0):
         from continual_lora.families.causal_lm import CausalLMFamily
 
         return CausalLMFamily(cfg, seed)
+    from continual_lora.families.image_classifier import ImageClassifierFamily, is_image_model
+
+    if is_image_model(cfg.name_or_path, cfg.trust_remote_code):
+        return ImageClassifierFamily(cfg, seed)
     from continual_lora.families.classifier import ClassifierFamily
 
     return ClassifierFamily(cfg, seed)

@@ -5,7 +5,8 @@ A *family* is the glue between the engine (trainer, strategies, run folder) and 
     family             backbone (what PEFT wraps)     per-task parts        task score
     ------------------ ------------------------------ --------------------- -----------------------
     classifier         transformers encoder (BERT,    a classification      accuracy on held-out
-                       ViT, ...)                      head per task/shared  labels
+                       ...) or image model (ViT,      head per task/shared  labels
+                       ResNet, ...; image_classifier.py)
     causal_lm          transformers causal LM         none (shared vocab)   exact match / perplexity
     diffusion          diffusers UNet (SD 1.x, SDXL)  none (captions)       image similarity
 
@@ -72,6 +73,8 @@ class ModelFamily(ABC):
     `module` (whose `.backbone` is what PEFT wraps), `device` and `_fingerprint`."""
 
     name: str = ""
+    #: What the model reads: "text" or "image" (strategies that route on inputs check it).
+    modality: str = "text"
     #: What R and U hold for this family, written into results.json as `definition`.
     score_definition: str = ""
 

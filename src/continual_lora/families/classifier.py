@@ -62,8 +62,13 @@ class ClassifierModule(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool_hidden(hidden, attention_mask, self.cfg)
 
+    def head_input(self, feats: torch.Tensor) -> torch.Tensor:
+        """What the task heads read from `features`: the same here (the pooling already
+        normalised them); an image model's features stay raw for its upstream head."""
+        return feats
+
     def head_logits(self, key: str, feats: torch.Tensor) -> torch.Tensor:
-        logits = self.heads[key](feats)
+        logits = self.heads[key](self.head_input(feats))
         return logits * self.cfg.logit_scale if self.cfg.normalize else logits
 
     def head_key(self, task_index: int) -> str:
@@ -74,7 +79,10 @@ class ClassifierModule(nn.Module):
         included) runs here, so a DDP wrapper from accelerate synchronises every gradient.
         `example_ids` is not used here: it rides in the batch for strategies' per-example
         caches (LwF's teacher outputs)."""
-        feats = self.features(input_ids, attention_mask)
+        return self.task_losses(self.features(input_ids, attention_mask), labels, task_ids)
+
+    def task_losses(self, feats: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor):
+        """(per-example loss, logits per task, features) of a batch's features."""
         per_example = torch.empty(len(feats), device=feats.device, dtype=feats.dtype)
         logits_by_task = {}
         for t in torch.unique(task_ids).tolist():
@@ -130,6 +138,10 @@ class ClassifierFamily(ModelFamily):
 
     # -- data ----------------------------------------------------------------------------------
 
+    def _inputs(self, task: TaskData, split: str):
+        """What `_encode` and `collate` read for a split's examples (token ids here)."""
+        return self._tokens(task, split)
+
     def _tokens(self, task: TaskData, split: str) -> list[list[int]]:
         """Token ids of a split, computed once per example and cached."""
         key = (task.index, split)
@@ -152,11 +164,20 @@ class ClassifierFamily(ModelFamily):
     def collate(self, examples: list[tuple[int, int]], tasks: dict[int, TaskData]) -> dict:
         ids = [self._tokens(tasks[t], "train")[i] for t, i in examples]
         input_ids, mask = self._pad(ids)
+        return {"input_ids": input_ids, "attention_mask": mask,
+                **self._targets(examples, tasks)}
+
+    def _targets(self, examples: list[tuple[int, int]], tasks: dict[int, TaskData]) -> dict:
+        """A batch's labels, task ids and example ids (index in its task's train split)."""
         labels = torch.tensor([int(tasks[t].train.labels[i]) for t, i in examples])
         task_ids = torch.tensor([t for t, _ in examples])
-        example_ids = torch.tensor([i for _, i in examples])  # index in its task's train split
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels.to(self.device),
-                "task_ids": task_ids.to(self.device), "example_ids": example_ids.to(self.device)}
+        example_ids = torch.tensor([i for _, i in examples])
+        return {"labels": labels.to(self.device), "task_ids": task_ids.to(self.device),
+                "example_ids": example_ids.to(self.device)}
+
+    def _batch_features(self, items: list) -> torch.Tensor:
+        """Features of one batch of `_inputs` items (token id lists here)."""
+        return self.module.features(*self._pad(items))
 
     @torch.no_grad()
     def _encode(self, ids: list[list[int]], batch_size: int) -> torch.Tensor:
@@ -166,14 +187,13 @@ class ClassifierFamily(ModelFamily):
         every process must call this together (all callers are on the common path)."""
         was_training = self.module.training
         self.module.eval()
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # equal for images
         world = self.accelerator.num_processes if self.accelerator is not None else 1
         mine = order[self.accelerator.process_index::world] if world > 1 else order
         local = torch.empty((len(mine), self.hidden_size))
         for start in range(0, len(mine), batch_size):
-            input_ids, mask = self._pad([ids[i] for i in mine[start:start + batch_size]])
-            features = self.module.features(input_ids, mask)
-            local[start:start + len(input_ids)] = features.float().cpu()
+            chunk = [ids[i] for i in mine[start:start + batch_size]]
+            local[start:start + len(chunk)] = self._batch_features(chunk).float().cpu()
         self.module.train(was_training)
         if world == 1:
             out = torch.empty((len(ids), self.hidden_size))
@@ -196,7 +216,7 @@ class ClassifierFamily(ModelFamily):
     def encode_split(self, task: TaskData, split: str, batch_size: int) -> torch.Tensor:
         """Features of every example of a task's split, in index order (CPU, float32): one
         no-grad pass in eval mode, each example encoded once."""
-        return self._encode(self._tokens(task, split), batch_size)
+        return self._encode(self._inputs(task, split), batch_size)
 
     # -- heads ---------------------------------------------------------------------------------
 
@@ -208,8 +228,8 @@ class ClassifierFamily(ModelFamily):
         for c in range(len(task.classes)):
             members = np.flatnonzero(labels == c).tolist()
             picked += sorted(rng.sample(members, min(len(members), PROTOTYPE_EXAMPLES_PER_CLASS)))
-        tokens = self._tokens(task, "train")
-        feats = self._encode([tokens[i] for i in picked], batch_size)
+        inputs = self._inputs(task, "train")
+        feats = self.module.head_input(self._encode([inputs[i] for i in picked], batch_size))
         picked_labels = torch.as_tensor(labels[picked])
         means = torch.stack([feats[picked_labels == c].mean(0) for c in range(len(task.classes))])
         if self.cfg.normalize:
@@ -269,7 +289,7 @@ class ClassifierFamily(ModelFamily):
     # -- scoring -------------------------------------------------------------------------------
 
     def score_task(self, task: TaskData, trained: bool, batch_size: int) -> TaskScore:
-        feats = self._encode(self._tokens(task, "eval"), batch_size).to(self.device)
+        feats = self._encode(self._inputs(task, "eval"), batch_size).to(self.device)
         labels = torch.as_tensor(task.eval.labels, device=self.device)
         key = self.module.head_key(task.index)
         with torch.no_grad():
@@ -280,7 +300,8 @@ class ClassifierFamily(ModelFamily):
                 how = "head"
             else:
                 weight, bias = self._prototype_head(task, batch_size)
-                logits = feats @ weight.to(self.device).T + bias.to(self.device)
+                logits = (self.module.head_input(feats) @ weight.to(self.device).T
+                          + bias.to(self.device))
                 how = "prototype"
             correct = (logits.argmax(-1) == labels).cpu().numpy()
         return TaskScore(float(correct.mean()), correct, how)

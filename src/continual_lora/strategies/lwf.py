@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from continual_lora.adapters import LoraFactors, lora_factors
 from continual_lora.families.base import ForwardOutput
 from continual_lora.registry import register_strategy
-from continual_lora.strategies.base import Strategy, TaskContext, ensure_adapter
+from continual_lora.strategies.base import (
+    Strategy,
+    TaskContext,
+    check_adapter_tensors,
+    ensure_adapter,
+    export_concatenated,
+)
 
 
 class LwfOptions(BaseModel):
@@ -26,6 +33,9 @@ class LwfOptions(BaseModel):
     first_task: bool = False
     """Causal LM and diffusion: distil the base model on task 1's data too (protects what the
     base knew; off: task 1 learns freely, as a classifier's task 1 has no old head)."""
+    merge: bool = False
+    """Merge the adapter into the base after each task and start a fresh one (seed 002's
+    incremental low-rank updates, as `merge_reinit` does); off: one adapter throughout."""
     draws: int = Field(2, ge=1, le=64)
     """Diffusion: fixed (noise, timestep) draws per training image on which the teacher's
     prediction is cached."""
@@ -158,7 +168,12 @@ class LwfStrategy(Strategy):
 
     Old outputs: with per-task heads, the heads of tasks < t (one KL per head, each averaged
     over the batch, summed over heads); with the shared class-incremental head, its columns of
-    the classes of tasks < t (one KL). Task 1 has no old outputs and no term.
+    the classes of tasks < t (one KL). An image model's own pretrained head (the upstream
+    head) is an old output from task 1 on, as in LwF's original setting (Li & Hoiem: the
+    ImageNet head is the old task); a text classifier's task 1 has no old outputs and no term.
+
+    With `merge`, the adapter is merged into the base after each task and the next task starts
+    a fresh one (seed 002's LoRA + LwF); its exported adapter is Σ ΔW as `merge_reinit`'s.
 
     The teacher is the model as it stands before task t's first step: the same network (no
     second copy), since the one adapter carries over from task t-1 and nothing has trained
@@ -200,6 +215,7 @@ class LwfStrategy(Strategy):
         self.tokens: TokenCache | None = None  # causal LM: the teacher's top-k per token
         self.denoised: DenoiserCache | None = None  # diffusion: the teacher's predictions
         self._family = None
+        self.history: list[dict[str, LoraFactors]] = []  # with `merge`: each task's ΔW
 
     def before_task(self, ctx: TaskContext) -> None:
         ensure_adapter(ctx)
@@ -242,19 +258,33 @@ class LwfStrategy(Strategy):
     def after_task(self, ctx: TaskContext) -> None:
         # The next task's teacher is the model as it now stands: drop this one's outputs.
         self.old_outputs, self.teacher, self.tokens, self.denoised = [], [], None, None
+        if self.options.merge:
+            peft_model = ctx.family.backbone
+            check_adapter_tensors(peft_model)
+            self.history.append(lora_factors(peft_model))
+            ctx.family.set_backbone(peft_model.merge_and_unload())
+
+    def export_adapter(self, ctx: TaskContext, out_dir) -> dict:
+        if not self.options.merge:
+            return super().export_adapter(ctx, out_dir)
+        return {**export_concatenated(ctx, self.history, out_dir),
+                "tasks_merged": len(self.history)}
 
     # -- helpers -------------------------------------------------------------------------------
 
     def _old_outputs(self, ctx: TaskContext) -> list[OldOutput]:
         module = ctx.family.module
+        upstream = ([OldOutput("upstream", None)]
+                    if getattr(module, "upstream_head", None) is not None else [])
         if ctx.family.cfg.head == "per_task":
-            return [OldOutput(module.head_key(old.index), None) for old in ctx.previous]
+            return upstream + [OldOutput(module.head_key(old.index), None)
+                               for old in ctx.previous]
         columns = [torch.arange(module.offsets[old.index],
                                 module.offsets[old.index] + len(old.classes))
                    for old in ctx.previous]
         if not columns:
-            return []
-        return [OldOutput("shared", torch.cat(columns).to(ctx.family.device))]
+            return upstream
+        return upstream + [OldOutput("shared", torch.cat(columns).to(ctx.family.device))]
 
     def _logits(self, features: torch.Tensor, old: OldOutput) -> torch.Tensor:
         logits = self._module.head_logits(old.head, features)

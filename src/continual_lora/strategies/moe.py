@@ -334,6 +334,9 @@ class MoeStrategy(Strategy):
             raise ConfigError("strategy moe routes text or token inputs; it does not run on a "
                               "diffusion model yet: use merge (adapter merging) to combine "
                               "concept LoRAs")
+        if ctx.family.modality != "text":
+            raise ConfigError("strategy moe routes text or token inputs; it does not route an "
+                              "image model yet: use merge (adapter merging) or lwf")
         backbone = ctx.family.backbone
         if ctx.t == 1 and isinstance(backbone, PeftModel):
             backbone = backbone.merge_and_unload()  # the user's adapter becomes the base
