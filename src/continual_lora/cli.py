@@ -186,6 +186,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from continual_lora.report.forgetting import (
+        _finished_runs,
+        forgetting_report,
+        format_forgetting,
+    )
+
+    domains = {}
+    for entry in args.domain or []:
+        task, _, words = entry.partition("=")
+        if not task or not words:
+            raise ConfigError(f"--domain {entry!r}: write TASK=WORD[,WORD...], e.g. "
+                              "--domain hoofed=ungulate")
+        domains[task] = [w.strip() for w in words.split(",") if w.strip()]
+    try:
+        runs = _finished_runs(Path(args.folder))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    for run_dir in runs:
+        try:
+            numbers = forgetting_report(run_dir, args.top, domains, args.cumulative)
+        except ValueError as exc:
+            print(f"{run_dir.name}: skipped: {exc}")
+            continue
+        print(f"{run_dir}:\n{format_forgetting(numbers)}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from continual_lora.inspect_adapter import format_report, inspect_adapter
 
@@ -264,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("report", help="per-class and contextual forgetting figures (PNG) of a "
+                       "classifier run or bench, into each run's figures/")
+    p.add_argument("folder", metavar="RUN_OR_BENCH_DIR")
+    p.add_argument("--top", type=int, default=20, help="classes per bar chart (default 20)")
+    p.add_argument("--cumulative", action="store_true", help="forgetting since each class was "
+                   "learned (upstream: the base), not what each task itself made it forget")
+    p.add_argument("--domain", action="append", metavar="TASK=WORD[,WORD]",
+                   help="WordNet word(s) naming a task's domain for contextual forgetting "
+                   "(default: the task's class names), e.g. hoofed=ungulate")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("inspect", help="what an adapter is: format, base, rank, alpha, targets, "
                        "parameters, whether its weights match its lineage, and the lineage chain")
