@@ -146,7 +146,9 @@ class ImageClassifierFamily(ClassifierFamily):
             if with_head:
                 full = AutoModelForImageClassification.from_pretrained(self.path, **kwargs)
                 base = getattr(full, full.base_model_prefix)
-                head = _linear_of(full.classifier)
+                # most heads are `classifier`; a model without one keeps no upstream head
+                classifier = getattr(full, "classifier", None)
+                head = _linear_of(classifier) if classifier is not None else None
             else:
                 base, head = AutoModel.from_pretrained(self.path, **kwargs), None
         except (OSError, ValueError) as exc:
