@@ -95,19 +95,17 @@ def _read_images(run: RunConfig, cfg: TaskConfig, key: str, what: str) -> tuple[
     return images, labels, path
 
 
-def is_image_file_task(run: RunConfig, cfg: TaskConfig) -> bool:
-    """Whether a `train`/`eval` task holds images: a folder, or a table with the image column
-    and no text column."""
-    path = run.resolve_path(cfg.train or "")
+def file_task_table(run: RunConfig, cfg: TaskConfig, index: int):
+    """(holds images, the train table or None) of a `train`/`eval` task: a folder holds images;
+    a table does when it has the image column and no text column. The table is returned so the
+    text loader does not read it again; a bad file is reported here, naming the task."""
+    what = f"tasks.{index - 1} ({cfg.name})"
+    path = inside_data_dir(run, run.resolve_path(cfg.train or ""), f"{what}.train")
     if path.is_dir():
-        return True
-    if not path.is_file():
-        return False
-    try:
-        columns = load_table(path, "train").column_names
-    except ConfigError:
-        return False  # the text loader reports what is wrong with the file, naming the task
-    return cfg.image_column in columns and cfg.text_column not in columns
+        return True, None
+    table = load_table(path, what)
+    columns = table.column_names
+    return cfg.image_column in columns and cfg.text_column not in columns, table
 
 
 def load_image_file_task(cfg: TaskConfig, index: int, run: RunConfig) -> TaskData:

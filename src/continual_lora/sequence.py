@@ -139,9 +139,11 @@ def load_table(path: Path, what: str):
     return table
 
 
-def read_table(path: Path, text_column: str, label_column: str, what: str) -> tuple[list, list]:
-    """Read (texts, raw labels) from a data file through `datasets`; errors name file and column."""
-    table = load_table(path, what)
+def read_table(path: Path, text_column: str, label_column: str, what: str,
+               table=None) -> tuple[list, list]:
+    """Read (texts, raw labels) from a data file through `datasets` (or from its `table`,
+    already loaded); errors name file and column."""
+    table = load_table(path, what) if table is None else table
     for column in (text_column, label_column):
         if column not in table.column_names:
             raise ConfigError(
@@ -174,12 +176,14 @@ def _sample(n: int, k: int | None, rng: random.Random) -> list[int]:
     return sorted(rng.sample(range(n), k))
 
 
-def load_file_task(cfg: TaskConfig, index: int, run: RunConfig) -> TaskData:
-    """A task from the user's train and held-out files."""
+def load_file_task(cfg: TaskConfig, index: int, run: RunConfig, train_table=None) -> TaskData:
+    """A task from the user's train and held-out files (`train_table`: the train file, when
+    already loaded)."""
     what = f"tasks.{index - 1} ({cfg.name})"
     train_path = inside_data_dir(run, run.resolve_path(cfg.train or ""), f"{what}.train")
     eval_path = inside_data_dir(run, run.resolve_path(cfg.eval or ""), f"{what}.eval")
-    train_texts, train_raw = read_table(train_path, cfg.text_column, cfg.label_column, what)
+    train_texts, train_raw = read_table(train_path, cfg.text_column, cfg.label_column, what,
+                                        train_table)
     eval_texts, eval_raw = read_table(eval_path, cfg.text_column, cfg.label_column, what)
     classes = sorted(set(train_raw))
     if len(classes) < 2:
@@ -298,10 +302,12 @@ def load_sequence(run: RunConfig) -> tuple[list[TaskData],
             tasks.append(load_wordnet_task(task_cfg, i, run, exclude))
         elif task_cfg.image_classes:
             tasks.append(image_tasks.load_image_classes_task(task_cfg, i, run))
-        elif image_tasks.is_image_file_task(run, task_cfg):
-            tasks.append(image_tasks.load_image_file_task(task_cfg, i, run))
         else:
-            tasks.append(load_file_task(task_cfg, i, run))
+            holds_images, train_table = image_tasks.file_task_table(run, task_cfg, i)
+            if holds_images:
+                tasks.append(image_tasks.load_image_file_task(task_cfg, i, run))
+            else:
+                tasks.append(load_file_task(task_cfg, i, run, train_table))
         if len(tasks[-1].eval) == 0:
             raise ConfigError(f"tasks.{i - 1} ({task_cfg.name}): the held-out split is empty")
     kinds = {t.train.images is not None for t in tasks}

@@ -252,13 +252,12 @@ class ImageClassifierFamily(ClassifierFamily):
                               "image model use upstream.kind classes (with upstream.images for "
                               "a model of your own) or none")
         columns = self.upstream_columns(probe)
-        if "upstream" not in self._pixel_cache_keys():
-            self._pixel_cache[(0, "upstream")] = self.pixels(probe.images)
-        feats = self._encode(self._pixel_cache[(0, "upstream")], batch_size).to(self.device)
+        key = (0, "upstream")  # task indices start at 1
+        if key not in self._pixel_cache:
+            self._pixel_cache[key] = self.pixels(probe.images)
+        feats = self._encode(self._pixel_cache[key], batch_size).to(self.device)
         with torch.no_grad():
             predicted = self.module.head_logits("upstream", feats).argmax(-1).cpu()
         correct = (predicted == columns[torch.as_tensor(probe.labels)]).numpy()
         return TaskScore(float(correct.mean()), correct, "upstream_head")
 
-    def _pixel_cache_keys(self) -> set[str]:
-        return {split for index, split in self._pixel_cache if index == 0}

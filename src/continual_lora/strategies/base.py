@@ -182,6 +182,17 @@ def fresh_adapter(ctx: TaskContext, backbone: torch.nn.Module,
     return attach_lora(backbone, ctx.lora_config, seed=ctx.seed)
 
 
+def merge_into_base(ctx: TaskContext, history: list) -> None:
+    """Merge the attached adapter into the base weights (PEFT's merge) after recording its
+    factors in `history`, so `export_concatenated` can write Σ ΔW later."""
+    from continual_lora.adapters import lora_factors
+
+    peft_model = ctx.family.backbone
+    check_adapter_tensors(peft_model)
+    history.append(lora_factors(peft_model))
+    ctx.family.set_backbone(peft_model.merge_and_unload())
+
+
 def export_concatenated(ctx: TaskContext, history: list, out_dir: Path) -> dict:
     """Write Σ_s ΔW_s of the adapters in `history` (factor dicts, oldest first) as one PEFT
     adapter of rank Σ r_s, exact (factors concatenated); returns the export facts."""

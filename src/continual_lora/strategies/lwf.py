@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from continual_lora.adapters import LoraFactors, lora_factors
+from continual_lora.adapters import LoraFactors
 from continual_lora.families.base import ForwardOutput
 from continual_lora.registry import register_strategy
 from continual_lora.strategies.base import (
     Strategy,
     TaskContext,
-    check_adapter_tensors,
     ensure_adapter,
     export_concatenated,
+    merge_into_base,
 )
 
 
@@ -259,10 +259,7 @@ class LwfStrategy(Strategy):
         # The next task's teacher is the model as it now stands: drop this one's outputs.
         self.old_outputs, self.teacher, self.tokens, self.denoised = [], [], None, None
         if self.options.merge:
-            peft_model = ctx.family.backbone
-            check_adapter_tensors(peft_model)
-            self.history.append(lora_factors(peft_model))
-            ctx.family.set_backbone(peft_model.merge_and_unload())
+            merge_into_base(ctx, self.history)
 
     def export_adapter(self, ctx: TaskContext, out_dir) -> dict:
         if not self.options.merge:

@@ -2,16 +2,13 @@
 
 from pathlib import Path
 
-from continual_lora.adapters import (
-    LoraFactors,
-    lora_factors,
-)
+from continual_lora.adapters import LoraFactors
 from continual_lora.registry import register_strategy
 from continual_lora.strategies.base import (
     Strategy,
     TaskContext,
-    check_adapter_tensors,
     export_concatenated,
+    merge_into_base,
 )
 
 
@@ -34,10 +31,7 @@ class MergeReinitStrategy(Strategy):
         self.history: list[dict[str, LoraFactors]] = []
 
     def after_task(self, ctx: TaskContext) -> None:
-        peft_model = ctx.family.backbone
-        check_adapter_tensors(peft_model)
-        self.history.append(lora_factors(peft_model))
-        ctx.family.set_backbone(peft_model.merge_and_unload())
+        merge_into_base(ctx, self.history)
 
     def export_adapter(self, ctx: TaskContext, out_dir: Path) -> dict:
         return {**export_concatenated(ctx, self.history, out_dir),
