@@ -164,6 +164,12 @@ class TrainConfig(Strict):
     """Examples per no-grad evaluation batch."""
     log_every: int = Field(10, ge=1)
     """Write a log line every N steps."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"])
+    """Where the loss (per task and per data source) and the held-out scores go while the run
+    trains, besides `log.jsonl` (always written): `tensorboard` (event files in the run's
+    `tensorboard/`; `tensorboard --logdir RUN_DIR`), `wandb`, `mlflow` (their packages
+    installed apart). `[]`: log.jsonl only."""
     checkpoint_every: int = Field(50, ge=1)
     """Write a training checkpoint every N steps (and at each task's last step), so an
     interrupted run resumes (`continual-lora run --resume RUN_DIR`) losing at most N steps."""

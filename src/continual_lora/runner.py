@@ -13,7 +13,9 @@ Run folder:
     metrics.json           ACC, forgetting, BWT, FWT, plasticity, upstream retention, flips
     strategy_report.json   only for strategies that report per-stage numbers (`stage_report`,
                            e.g. moe's routing accuracy): one row per stage
-    log.jsonl              one JSON object per event (steps, evaluations)
+    log.jsonl              one JSON object per event (steps, evaluations); the same numbers
+                           go to `train.trackers` (tensorboard/ by default; see monitor.py)
+    report.html, figures/  the HTML report and its PNGs, written by the CLI (report/page.py)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from continual_lora.checkpoint import (
 from continual_lora.config import ConfigError, RunConfig
 from continual_lora.families import make_family
 from continual_lora.lineage import StageLineage, stage_facts, weights_identity
+from continual_lora.monitor import RunLog, check_trackers
 from continual_lora.registry import get_strategy
 from continual_lora.resume import (
     CheckpointHook,
@@ -140,6 +143,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     wall_start = time.perf_counter()
     strategy_cls = get_strategy(cfg.strategy.name)
     strategy = strategy_cls(strategy_cls.Options.model_validate(cfg.strategy.options))
+    check_trackers(cfg.train.trackers)
     tasks, probe = load_sequence(cfg)  # data errors surface before any folder is made
     run_dir = run_dir or Path(cfg.output_dir) / cfg.name
     config_text = _config_yaml(cfg)
@@ -182,30 +186,28 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         parent = _adapter_identity(cfg.resolve_path(cfg.lora.init_adapter))
     if progress is None and main:
         run_dir = create_run_dir(run_dir, cfg.overwrite, echo)
+    log = RunLog(run_dir, cfg.train.trackers, cfg.name, cfg.portable_dump(),
+                 [t.name for t in tasks], enabled=main)
     try:
         return _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks,
                           probe, family, accelerator, lora_config, parent, config_text,
-                          wall_start)
+                          wall_start, log)
     except (ConfigError, TrainingError, AdapterError):
+        log.close()
         # A failure before any task finished leaves nothing worth keeping (a rerun repeats
         # it): remove the folder this call made, so bad input leaves no trace.
         if progress is None and main and not (run_dir / "results.json").exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        log.close()
 
 
 def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks, probe, family,
-               accelerator, lora_config, parent, config_text, wall_start) -> RunResult:
+               accelerator, lora_config, parent, config_text, wall_start,
+               log: RunLog) -> RunResult:
     """The body of `run` once the model is loaded and the run folder exists."""
     main = accelerator.is_main_process
-    log_file = (run_dir / "log.jsonl").open("a", encoding="utf-8") if main else None
-
-    def log(event: dict) -> None:
-        if log_file is not None:
-            event = {"time": round(time.time(), 3), **event}
-            log_file.write(json.dumps(event) + "\n")
-            log_file.flush()
-
     if progress is None:
         lineage = run_lineage(cfg, family, tasks, probe, parent, strategy_cls)
         if main:
@@ -327,7 +329,6 @@ def _run_tasks(cfg, echo, row0, run_dir, progress, strategy, strategy_cls, tasks
         write_json_atomic(run_dir / "metrics.json", summary)
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # the run is complete
         log({"event": "done", "metrics": {k: v for k, v in summary.items() if k != "flips"}})
-        log_file.close()
     return RunResult(run_dir, R, U, summary, max_trainable, wall, cfg.strategy.name,
                      summary["rank"], rows, family)
 

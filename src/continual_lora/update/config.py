@@ -9,7 +9,7 @@ it came from, in the printed plan.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -107,6 +107,11 @@ class UpdateConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     """Training checkpoints kept while the update runs (plus the budget's best); removed when
     it finishes."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"])
+    """Where the loss and the budget's evaluations go while the stage trains, besides
+    `log.jsonl`: `tensorboard` (event files in OUT's `tensorboard/`), `wandb`, `mlflow`; `[]`:
+    log.jsonl only."""
     seed: int = 0
     """Seed of data order, held-out split and new adapter initialisation."""
     overwrite: bool = False

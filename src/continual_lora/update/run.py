@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from continual_lora.config import (
 )
 from continual_lora.families.classifier import ClassifierFamily
 from continual_lora.lineage import StageLineage, stage_facts
+from continual_lora.monitor import RunLog, check_trackers
 from continual_lora.registry import get_strategy
 from continual_lora.resume import latest_checkpoint
 from continual_lora.runner import Row, run_lineage, score_row, seed_everything
@@ -219,6 +219,7 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("update runs in one process; `continual-lora run` trains in several "
                           "(torchrun / accelerate launch)")
+    check_trackers(cfg.trackers)
     old = read_old_adapter(cfg.resolve_path(cfg.adapter))
     if old.lineage and old.lineage["base_model"].get("family") == "causal_lm":
         raise ConfigError(
@@ -288,7 +289,7 @@ def prepare(cfg: UpdateConfig, echo: Callable[[str], None] = print) -> Prepared:
                                init_adapter=str(old.path))
     train_cfg = TrainConfig(lr=float(lr.value), batch_size=int(batch.value),
                             max_steps=int(steps.value), warmup_ratio=cfg.warmup_ratio,
-                            eval_batch_size=eval_batch,
+                            eval_batch_size=eval_batch, trackers=cfg.trackers,
                             epochs=float(max(1, int(steps.value)) * int(batch.value) + 1))
     # The run settings the strategies read (model, lora, train); the tasks are loaded above
     # from the update's own data settings, so RunConfig's task list is not built.
@@ -472,7 +473,7 @@ def _save_adapter(prep: Prepared, out: Path, info_extra: dict, row1: Row) -> dic
 
 def run_update(prep: Prepared, resume: bool = False,
                echo: Callable[[str], None] = print) -> UpdateResult:
-    cfg, plan, family, strategy, ctx = prep.cfg, prep.plan, prep.family, prep.strategy, prep.ctx
+    cfg, plan = prep.cfg, prep.plan
     out = cfg.resolve_path(cfg.out)
     if resume:
         check_resume(out, plan)
@@ -480,12 +481,17 @@ def run_update(prep: Prepared, resume: bool = False,
         create_run_dir(out, cfg.overwrite, echo)
         write_text_atomic(out / CONFIG_FILE, _config_yaml(cfg))
         write_json_atomic(out / PLAN_FILE, plan)
-    log_file = (out / "log.jsonl").open("a", encoding="utf-8")
+    log = RunLog(out, cfg.trackers, out.name, cfg.model_dump(mode="json", exclude={"base_dir"}),
+                 [t.name for t in prep.tasks])
+    try:
+        return _train_and_save(prep, out, log, resume, echo)
+    finally:
+        log.close()
 
-    def log(event: dict) -> None:
-        log_file.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
-        log_file.flush()
 
+def _train_and_save(prep: Prepared, out: Path, log: RunLog, resume: bool,
+                    echo: Callable[[str], None]) -> UpdateResult:
+    cfg, plan, family, strategy, ctx = prep.cfg, prep.plan, prep.family, prep.strategy, prep.ctx
     accelerator = make_accelerator()
     tasks, new = prep.tasks, ctx.task
     old_tasks = tasks[:-1]
@@ -529,7 +535,6 @@ def run_update(prep: Prepared, resume: bool = False,
     files = write_report(out, report, tasks, prep.row0, row1)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the stage is complete
     log({"event": "done", "report": REPORT_FILE})
-    log_file.close()
     text = format_report(report)
     if "note" in report["budget"]:
         text += f"\n  note: {report['budget']['note']}"
