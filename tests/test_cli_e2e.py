@@ -44,7 +44,14 @@ def test_run_on_the_embedded_model(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "e2e"
     expected = RUN_FILES | {f"tasks/{stage}/{f}" for stage in ("01-living", "02-verbs")
                             for f in STAGE_FILES}
-    assert _files(run_dir) == expected
+    files = _files(run_dir)
+    assert expected <= files
+    # besides: the HTML report with its figures, and the tensorboard event files
+    extra = files - expected
+    assert {f for f in extra if not f.startswith(("figures/", "tensorboard/"))} == {"report.html"}
+    assert {"figures/accuracy_matrix.png", "figures/task_curves.png",
+            "figures/training_loss.png", "figures/class_forgetting.png"} <= extra
+    assert any(f.startswith("tensorboard/") and "tfevents" in f for f in extra)
 
     m = json.loads((run_dir / "metrics.json").read_text())
     for key in ("acc", "plasticity", "upstream_before", "upstream_after"):
@@ -63,6 +70,7 @@ def test_run_on_the_embedded_model(tmp_path, capsys):
     assert sum(1 for e in steps if e["event"] == "step") >= 2
     out = capsys.readouterr().out
     assert "ACC" in out and str(run_dir) in out
+    assert f"report: {run_dir / 'report.html'}" in out
 
     # Never overwrite: a second run into the same folder is refused and changes nothing.
     before = {f: (run_dir / f).read_bytes() for f in _files(run_dir)}

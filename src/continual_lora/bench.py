@@ -147,7 +147,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print,
     return bench_dir, results
 
 
-def _fmt(key: str, value) -> str:
+def format_cell(key: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if key == "trainable_parameters":
@@ -191,13 +191,18 @@ def report_cell(report: dict | None) -> str:
     return "; ".join(parts)
 
 
+def table_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """COLUMNS, and the strategy-report column when some strategy reported something."""
+    return COLUMNS + ([("strategy_report", "Strategy report")]
+                      if any(row.get("strategy_report") for row in rows) else [])
+
+
 def format_table(rows: list[dict]) -> str:
-    # The strategy-report column appears only when some strategy reported something.
-    columns = COLUMNS + ([("strategy_report", "Strategy report")]
-                         if any(row.get("strategy_report") for row in rows) else [])
+    columns = table_columns(rows)
     header = "| " + " | ".join(title for _, title in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_fmt(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
+    body = ["| " + " | ".join(format_cell(k, row.get(k)) for k, _ in columns) + " |"
+            for row in rows]
     return "\n".join([header, rule, *body])
 
 

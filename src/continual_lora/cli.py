@@ -13,6 +13,7 @@ from pathlib import Path
 from continual_lora import convert as convert_cli
 from continual_lora.checkpoint import RunDirExists
 from continual_lora.config import ConfigError, is_bench_config, load_bench_config, load_run_config
+from continual_lora.report.page import write_report_or_warn
 from continual_lora.resume import CheckpointError
 from continual_lora.strategies.base import AdapterError
 from continual_lora.trainer import TrainingError
@@ -55,6 +56,7 @@ def _bench(cfg, resume_dir: Path | None = None) -> int:
     if (bench_dir / "rounds.md").is_file():  # a causal LM's knowledge rounds
         print("\n" + (bench_dir / "rounds.md").read_text().split("\n\n")[0])
     print(f"\nbench folder: {bench_dir}  (comparison.md, comparison.csv, runs/)")
+    write_report_or_warn(bench_dir)
     return 0
 
 
@@ -94,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nACC {m['acc']:.3f}  forgetting {m['forgetting']:.3f}  BWT {m['bwt']:.3f}  "
           f"FWT {m['fwt']:.3f}  upstream retention {m.get('upstream_retention', float('nan')):.3f}")
     print(f"run folder: {result.run_dir}")
+    write_report_or_warn(result.run_dir)
     return 0
 
 
@@ -187,11 +190,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from continual_lora.report.forgetting import (
-        _finished_runs,
-        forgetting_report,
-        format_forgetting,
-    )
+    from continual_lora.report.forgetting import format_forgetting
+    from continual_lora.report.page import build_report
 
     domains = {}
     for entry in args.domain or []:
@@ -200,17 +200,16 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"--domain {entry!r}: write TASK=WORD[,WORD...], e.g. "
                               "--domain hoofed=ungulate")
         domains[task] = [w.strip() for w in words.split(",") if w.strip()]
-    try:
-        runs = _finished_runs(Path(args.folder))
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    for run_dir in runs:
-        try:
-            numbers = forgetting_report(run_dir, args.top, domains, args.cumulative)
-        except ValueError as exc:
-            print(f"{run_dir.name}: skipped: {exc}")
-            continue
-        print(f"{run_dir}:\n{format_forgetting(numbers)}")
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder; give a run, bench or update folder")
+    path = build_report(folder, args.top, domains, args.cumulative)
+    # The per-class forgetting numbers the page drew, as text (classifier runs only).
+    for numbers_file in sorted([*folder.glob("figures/forgetting.json"),
+                                *folder.glob("runs/*/figures/forgetting.json")]):
+        numbers = json.loads(numbers_file.read_text())
+        print(f"{numbers_file.parent.parent}:\n{format_forgetting(numbers)}")
+    print(f"report: {path}")
     return 0
 
 
@@ -293,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("report", help="per-class and contextual forgetting figures (PNG) of a "
-                       "classifier run or bench, into each run's figures/")
+    p = sub.add_parser("report", help="the HTML report (report.html) of a run, bench or update "
+                       "folder: accuracy matrix, per-task curves, strategies chart, metrics, "
+                       "per-class forgetting, samples, lineage; PNGs in figures/")
     p.add_argument("folder", metavar="RUN_OR_BENCH_DIR")
     p.add_argument("--top", type=int, default=20, help="classes per bar chart (default 20)")
     p.add_argument("--cumulative", action="store_true", help="forgetting since each class was "

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from continual_lora import metrics
+from continual_lora.report.plotting import pyplot, save_png
 
 SYNSET_ID = re.compile(r"^[nv]\d{8}$")
 
@@ -224,34 +225,11 @@ def contextual_forgetting(pred: dict[str, np.ndarray],
 # Figures (PNG, matplotlib's Agg backend: no display needed)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, plt, path: Path) -> Path:
-    """The figure as a PNG, written whole or not at all."""
-    import io
-
-    from continual_lora.checkpoint import write_bytes_atomic
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes_atomic(Path(path), buffer.getvalue())
-    return Path(path)
-
-
 def plot_class_forgetting(stages: list[StageForgetting], path: Path, top: int = 20,
                           title: str = "") -> Path:
     """One panel per task: the `top` old classes that lost the most accuracy after it
     (seed 002's Figure 3), bars of the accuracy drop, labelled with forgotten/total."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 0.28 * top + 1.6),
                              squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
@@ -269,14 +247,14 @@ def plot_class_forgetting(stages: list[StageForgetting], path: Path, top: int = 
         ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, plt, path)
+    return save_png(fig, path)
 
 
 def plot_contextual(stages: list[ContextualStage], path: Path, title: str = "") -> Path:
     """One panel per task: the Wu-Palmer similarity to the task's domain of all old classes'
     held-out examples against that of the forgotten ones (seed 002's Figure 4), with each
     class as a point (similarity, accuracy drop) and the two weighted means."""
-    plt = _pyplot()
+    plt = pyplot()
     usable = [s for s in stages if len(s.classes) >= 2]
     fig, axes = plt.subplots(2, max(1, len(usable)), figsize=(4.2 * max(1, len(usable)), 6.4),
                              squeeze=False)
@@ -312,7 +290,7 @@ def plot_contextual(stages: list[ContextualStage], path: Path, title: str = "") 
         axes[0][0].text(0.5, 0.5, "no class names found in WordNet", ha="center")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, plt, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

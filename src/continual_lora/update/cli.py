@@ -123,5 +123,9 @@ def cmd_update(args: argparse.Namespace) -> int:
         raise ConfigError(f"update needs {', '.join(missing)} (or a YAML file with them); see "
                           "`continual-lora update --help`")
     cfg = load_update_config(config, values)
-    update(cfg, dry_run=args.dry_run, resume=bool(args.resume))
+    result = update(cfg, dry_run=args.dry_run, resume=bool(args.resume))
+    if not args.dry_run:
+        from continual_lora.report.page import write_report_or_warn
+
+        write_report_or_warn(result.out)
     return 0

@@ -64,7 +64,7 @@ def build_report(tasks: list[TaskData], probe_tasks: list[int], row0, row1,
 TABLE_HEADER = ["task", "scored on", "before", "after", "change", "lost", "gained"]
 
 
-def _table(report: dict) -> list[list[str]]:
+def before_after_rows(report: dict) -> list[list[str]]:
     """The before/after table's rows as text cells (old tasks, the new task, the upstream
     probe), rendered for the terminal and for Markdown alike."""
     def row(task, scored_on, before, after, flips=None):
@@ -91,7 +91,7 @@ def format_report(report: dict) -> str:
                 + " ".join(f"{c:>{w}}" for c, w in zip(numbers, widths[2:], strict=True))
                 ).rstrip()
 
-    lines = ["before/after:", line(TABLE_HEADER), *map(line, _table(report))]
+    lines = ["before/after:", line(TABLE_HEADER), *map(line, before_after_rows(report))]
     if report["old_mean"]:
         lines.append(f"  old tasks' mean drop: {report['old_mean']['drop']:.3f}")
     b = report["budget"]
@@ -106,7 +106,7 @@ def format_report(report: dict) -> str:
 def _markdown(report: dict, png: str | None) -> str:
     out = ["# Update report", "", "| " + " | ".join(TABLE_HEADER) + " |",
            "|" + "---|" * len(TABLE_HEADER)]
-    out += ["| " + " | ".join(cells) + " |" for cells in _table(report)]
+    out += ["| " + " | ".join(cells) + " |" for cells in before_after_rows(report)]
     out += ["", "`lost`/`gained`: held-out examples right before and wrong after / wrong before "
             "and right after. A `probe` task is scored as agreement with the old model's own "
             "predictions on the new task's held-out inputs (1.0 before by construction).", "",
@@ -134,13 +134,9 @@ def _curve_csv(curve: list[dict]) -> str:
 
 
 def _curve_png(curve: list[dict], budget: float | None) -> bytes:
-    import io
+    from continual_lora.report.plotting import png_bytes, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [p["step"] for p in curve]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(steps, [p["gain"] for p in curve], marker="o", label="new-task gain")
@@ -152,11 +148,7 @@ def _curve_png(curve: list[dict], budget: float | None) -> bytes:
     ax.set_xlabel("step")
     ax.set_ylabel("score change since the old adapter")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def _flip_lines(tasks: list[TaskData], row0, row1) -> list[str]:
