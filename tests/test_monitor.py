@@ -25,6 +25,13 @@ def test_an_eval_event_names_each_task_and_skips_what_is_not_a_number():
     step = {"event": "step", "task": "a", "global_step": 0, "loss": 1.0, "extra_loss": None,
             "lr": 0.1}
     assert "extra_loss/a" not in scalars(step, ["a"])
+    moe = {"event": "eval", "stage": 2, "scores": [0.5, 0.25], "upstream": 0.125,
+           "strategy_report": {"router": "prototype",
+                               "routing_accuracy": {"a": 1.0, "b": 0.5, "mean": 0.75}}}
+    assert scalars(moe, ["a", "b"]) == {
+        "eval/a": 0.5, "eval/b": 0.25, "eval/upstream": 0.125,
+        "strategy/routing_accuracy/a": 1.0, "strategy/routing_accuracy/b": 0.5,
+        "strategy/routing_accuracy/mean": 0.75}
 
 
 def test_other_events_give_their_numbers_one_level_deep():

@@ -297,6 +297,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(old_run, tiny_task_
               "--steps", "400", "--eval-every", "4", "--lr", "5e-3"]
     whole = tmp_path / "whole"
     assert main(["update", *common, "--out", str(whole)]) == 0
+    assert f"report: {whole / 'report.html'}" in capsys.readouterr().out
+    page = (whole / "report.html").read_text()
+    assert "Before and after the update" in page and 'data-file="budget_curve.png"' in page
+    assert 'data-file="figures/training_loss.png"' in page and "Lineage" in page
+    assert list((whole / "tensorboard").rglob("events.out.tfevents.*"))
     killed = tmp_path / "killed"
     # The same thread count as this process: a different one changes float summation order.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

@@ -10,7 +10,8 @@ the loss that produced them):
     source_loss/<task>/<source>  the loss on each data source in the batch (replay: old tasks)
     lr/<task>                    the backbone's learning rate
     eval/<task>                  each task's held-out score when a stage is scored;
-                                 eval/upstream the upstream probe's
+                                 eval/upstream the upstream probe's; strategy/<field> the
+                                 numbers a strategy reports per stage (moe: routing accuracy)
     <event>/<field>              the numbers of any other event (update: budget/drop, ...)
 """
 
@@ -79,14 +80,21 @@ def scalars(event: dict, task_names: list[str]) -> dict[str, float]:
                 out[f"eval/{name}"] = float(score)
         if _finite_number(event.get("upstream")):
             out["eval/upstream"] = float(event["upstream"])
+        out.update(_numbers(event.get("strategy_report") or {}, "strategy"))  # moe's routing
         return out
-    for key, value in event.items():  # any other event: its numbers, one level deep
-        if key in ("event", "time", "step"):
-            continue
+    rest = {k: v for k, v in event.items() if k not in ("event", "time", "step")}
+    return _numbers(rest, str(kind))
+
+
+def _numbers(values: dict, prefix: str) -> dict[str, float]:
+    """The finite numbers of a mapping, and of the mappings in it (one level), as
+    `prefix/key` and `prefix/key/subkey`."""
+    out = {}
+    for key, value in values.items():
         if _finite_number(value):
-            out[f"{kind}/{key}"] = float(value)
+            out[f"{prefix}/{key}"] = float(value)
         elif isinstance(value, dict):
-            out.update({f"{kind}/{key}/{k}": float(v) for k, v in value.items()
+            out.update({f"{prefix}/{key}/{k}": float(v) for k, v in value.items()
                         if _finite_number(v)})
     return out
 

@@ -230,6 +230,9 @@ def plot_class_forgetting(stages: list[StageForgetting], path: Path, top: int = 
     """One panel per task: the `top` old classes that lost the most accuracy after it
     (seed 002's Figure 3), bars of the accuracy drop, labelled with forgotten/total."""
     plt = pyplot()
+    # A first task with nothing learned before it (no upstream classes) has nothing to forget:
+    # no empty panel for it.
+    stages = [s for s in stages if s.classes] or stages[:1]
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 0.28 * top + 1.6),
                              squeeze=False)
     for ax, stage in zip(axes[0], stages, strict=True):
