@@ -350,9 +350,9 @@ def test_bench_writes_seed_003_table(tmp_path, tiny_pipeline, tiny_dino, concept
     page = build_report(bench_dir).read_text()
     assert "Personalization scores" in page and "base model (reference)" in page
     # (stage 0 is sampled once, by the first row: the bench shares its starting point)
-    for run, stages in (("naive-r2", (0, 1, 2)), ("merge_reinit-r2", (1, 2))):
+    for run_name, stages in (("naive-r2", (0, 1, 2)), ("merge_reinit-r2", (1, 2))):
         for stage in stages:
-            assert f'data-file="runs/{run}/samples/stage-{stage:02d}.png"' in page
+            assert f'data-file="runs/{run_name}/samples/stage-{stage:02d}.png"' in page
 
 
 @pytest.fixture(scope="module")

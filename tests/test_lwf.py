@@ -63,12 +63,12 @@ def traced(monkeypatch):
     calls, teachers, references = [], {}, {}
     real_features = ClassifierModule.features
 
-    def features(self, input_ids, attention_mask):
+    def features(self, input_ids, attention_mask, *ids):
         rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask,
                                                                        strict=True)]
         calls.append({"phase": state["phase"], "grad": torch.is_grad_enabled(),
                       "training": self.training, "rows": rows})
-        return real_features(self, input_ids, attention_mask)
+        return real_features(self, input_ids, attention_mask, *ids)
 
     real_before = LwfStrategy.before_task
 

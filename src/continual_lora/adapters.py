@@ -101,9 +101,40 @@ def resolve_targets(model: nn.Module, requested: list[str] | None) -> list[str]:
     )
 
 
-def make_lora_config(r: int, alpha: float, dropout: float, targets: list[str]) -> LoraConfig:
+def make_lora_config(r: int, alpha: float, dropout: float, targets: list[str],
+                     layers: list[int] | None = None) -> LoraConfig:
+    """`layers`: only these transformer layers (PEFT's `layers_to_transform`); None: all."""
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                      bias="none")
+                      bias="none", layers_to_transform=layers)
+
+
+def resolve_layers(spec: list[int] | str | None, n_layers: int) -> list[int] | None:
+    """`lora.layers` as layer indices: `last N`, `first N` or a list, checked against the
+    model's `n_layers`; None when every layer is adapted."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        where, count = spec.split()
+        count = int(count)
+        if count > n_layers:
+            raise ConfigError(f"lora.layers {spec!r}: the model has {n_layers} layers")
+        indices = list(range(n_layers - count, n_layers)) if where == "last" \
+            else list(range(count))
+    else:
+        indices = sorted(set(spec))
+        if indices[-1] >= n_layers:
+            raise ConfigError(f"lora.layers {spec}: the model's layers are 0..{n_layers - 1}")
+    return None if indices == list(range(n_layers)) else indices
+
+
+def count_layers(model: nn.Module) -> int:
+    """The number of transformer layers (the config's `num_hidden_layers` or `n_layer`)."""
+    config = getattr(model, "config", None)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise ConfigError("lora.layers: this model's config names no number of layers "
+                      "(num_hidden_layers); leave lora.layers out")
 
 
 def attach_lora(backbone: nn.Module, config: LoraConfig, seed: int) -> PeftModel:

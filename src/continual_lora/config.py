@@ -13,6 +13,7 @@ strategy never touches this file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +67,10 @@ class ModelConfig(Strict):
     max_length: int = Field(64, ge=8, le=131072)
     """Maximum tokens per example; longer examples are truncated (a causal LM keeps the
     start)."""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """Override the base model's own dropout probabilities (hidden, attention, embeddings: every
+    `*dropout*` / `*_pdrop` setting in its config); null keeps the checkpoint's. 0 makes the
+    frozen layers deterministic, which the lower-layer cache needs (`lora.layers`)."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off by default: only enable it for models you trust."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -125,6 +130,20 @@ class LoraConfigModel(Strict):
     module is an error listing candidates."""
     init_adapter: str | None = None
     """A PEFT adapter folder to continue from (loaded trainable)."""
+    layers: list[int] | str | None = None
+    """Adapt only these transformer layers: `last N`, `first N`, or a list of indices (from 0);
+    null: every layer. PEFT's `layers_to_transform`, saved in the adapter's config. With the
+    lower layers all frozen, training caches their outputs (`train.cache_lower_layers`)."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_spec(cls, value):
+        if isinstance(value, str) and not re.fullmatch(r"(last|first) [1-9]\d*", value.strip()):
+            raise ValueError(f"lora.layers {value!r}: write `last N`, `first N` or a list of "
+                             "layer indices such as [4, 5]")
+        if isinstance(value, list) and (not value or min(value) < 0):
+            raise ValueError(f"lora.layers {value}: give layer indices from 0 (at least one)")
+        return value
 
     @model_validator(mode="after")
     def _alpha_matches_rule(self) -> LoraConfigModel:
@@ -164,6 +183,13 @@ class TrainConfig(Strict):
     """Examples per no-grad evaluation batch."""
     log_every: int = Field(10, ge=1)
     """Write a log line every N steps."""
+    cache_lower_layers: bool = True
+    """When LoRA adapts only the upper layers (`lora.layers`) and the layers below are frozen
+    and deterministic (no dropout), compute their outputs once per training example and train
+    only the layers above; the result is that of the uncached run (to float rounding)."""
+    lower_cache_mb: int = Field(2048, ge=0)
+    """Memory limit of that cache (MiB, float32 hidden states); beyond it training runs
+    uncached."""
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"])
     """Where the loss (per task and per data source) and the held-out scores go while the run

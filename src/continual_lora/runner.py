@@ -37,9 +37,11 @@ import yaml
 
 from continual_lora import __version__, metrics
 from continual_lora.adapters import (
+    count_layers,
     count_parameters,
     load_adapter,
     make_lora_config,
+    resolve_layers,
     resolve_targets,
 )
 from continual_lora.checkpoint import (
@@ -178,8 +180,10 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
     lora_config = None
     if strategy.uses_lora:
         targets = resolve_targets(family.backbone, cfg.lora.target_modules)
+        layers = None if cfg.lora.layers is None else resolve_layers(
+            cfg.lora.layers, count_layers(family.backbone))
         lora_config = make_lora_config(cfg.lora.r, cfg.lora.effective_alpha, cfg.lora.dropout,
-                                       targets)
+                                       targets, layers)
     parent = None
     if cfg.lora.init_adapter:  # row 0 is the base plus the adapter the user brought
         family.set_backbone(load_adapter(family.backbone, cfg.resolve_path(cfg.lora.init_adapter)))
@@ -443,7 +447,8 @@ def run_lineage(cfg: RunConfig, family, tasks, probe, parent, strategy_cls) -> d
         "parent_adapter": parent,
         "strategy": {"name": strategy_cls.name, "options": cfg.strategy.options},
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.effective_alpha,
-                 "alpha_rule": cfg.lora.alpha_rule, "target_modules": cfg.lora.target_modules},
+                 "alpha_rule": cfg.lora.alpha_rule, "target_modules": cfg.lora.target_modules,
+                 **({"layers": cfg.lora.layers} if cfg.lora.layers is not None else {})},
         "seed": cfg.seed,
         "data": [{"task": t.name, "index": t.index, "classes": t.classes,
                   "train_examples": len(t.train), "eval_examples": len(t.eval), **t.manifest}

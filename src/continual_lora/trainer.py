@@ -118,6 +118,11 @@ def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: l
         start_step, first_loss = resume.steps_done, resume.first_loss
     by_index = {t.index: t for t in tasks}
     names = {t.index: t.name for t in tasks}
+    note = family.prepare_training(stream, by_index, train_cfg)
+    if note:
+        log({"event": "note", "task": task.name, "text": note})
+        if accelerator.is_main_process:
+            print(f"  {note}", file=sys.stderr, flush=True)
 
     # --- loop --------------------------------------------------------------------------------
     model.train()

@@ -161,6 +161,11 @@ class ModelFamily(ABC):
     def load_saved_backbone(self, folder: Path) -> nn.Module:
         """A full model saved by `save_pretrained` (full fine-tuning's `model/` folder)."""
 
+    def prepare_training(self, stream, tasks: dict[int, TaskData], train_cfg) -> str | None:
+        """Before a task's training loop: precompute what its steps can share (the classifier's
+        lower-layer cache). Returns a line worth logging, or None. Nothing by default."""
+        return None
+
     def attach_sequence(self, tasks: list[TaskData], probe: Any) -> None:  # noqa: B027
         """Told every task and the probe before row 0 (a family that scores a task against
         the others needs them); nothing by default."""

@@ -57,9 +57,25 @@ class ClassifierModule(nn.Module):
         self.heads = nn.ModuleDict()
         self.cfg = cfg
         self.offsets: dict[int, int] = {}  # shared head: first row of each task's classes
+        self.lower_cache = None  # a LowerLayerCache, set by ClassifierFamily.prepare_training
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 task_ids: torch.Tensor | None = None,
+                 example_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features. A training batch whose examples are all in the lower-layer cache
+        (`lower_cache.py`; keyed by task and example ids) runs only the layers above it."""
+        cache = self.lower_cache
+        if (self.training and cache is not None and example_ids is not None
+                and cache.covers(task_ids, example_ids)):
+            embed = self.backbone.get_input_embeddings().weight
+            states = cache.batch(task_ids, example_ids, input_ids.shape[1], embed.dtype,
+                                 input_ids.device)
+            with cache.skipping_lower_layers(states):
+                hidden = self.backbone(input_ids=input_ids,
+                                       attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = self.backbone(input_ids=input_ids,
+                                   attention_mask=attention_mask).last_hidden_state
         return pool_hidden(hidden, attention_mask, self.cfg)
 
     def head_input(self, feats: torch.Tensor) -> torch.Tensor:
@@ -79,7 +95,8 @@ class ClassifierModule(nn.Module):
         included) runs here, so a DDP wrapper from accelerate synchronises every gradient.
         `example_ids` is not used here: it rides in the batch for strategies' per-example
         caches (LwF's teacher outputs)."""
-        return self.task_losses(self.features(input_ids, attention_mask), labels, task_ids)
+        feats = self.features(input_ids, attention_mask, task_ids, example_ids)
+        return self.task_losses(feats, labels, task_ids)
 
     def task_losses(self, feats: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor):
         """(per-example loss, logits per task, features) of a batch's features."""
@@ -217,6 +234,32 @@ class ClassifierFamily(ModelFamily):
         """Features of every example of a task's split, in index order (CPU, float32): one
         no-grad pass in eval mode, each example encoded once."""
         return self._encode(self._inputs(task, split), batch_size)
+
+    def prepare_training(self, stream, tasks: dict[int, TaskData], train_cfg) -> str | None:
+        """Fill the lower-layer cache for the stream's examples when LoRA adapts only upper
+        layers (see lower_cache.py); the line says whether it is on, and if not, why."""
+        from continual_lora.families.lower_cache import LowerLayerCache
+
+        module = self.module
+        if not train_cfg.cache_lower_layers or self.accelerator_world() > 1:
+            module.lower_cache = None
+            return None
+        if module.lower_cache is None:
+            module.lower_cache = LowerLayerCache(train_cfg.lower_cache_mb * 2**20)
+        cache = module.lower_cache
+        on = cache.prepare(module.backbone, stream,
+                           lambda t, i: self._tokens(tasks[t], "train")[i], self._pad,
+                           train_cfg.eval_batch_size)
+        if on:
+            return (f"lower-layer cache: layers 0-{cache.start - 1} computed once for "
+                    f"{len(cache.states)} examples ({cache.bytes / 2**20:.1f} MiB); each step "
+                    f"runs layers {cache.start}+")
+        if cache.reason.startswith("the first layer trains"):
+            return None  # LoRA on every layer: nothing to cache, nothing to say
+        return f"lower-layer cache off: {cache.reason}"
+
+    def accelerator_world(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
 
     # -- heads ---------------------------------------------------------------------------------
 

@@ -56,8 +56,11 @@ def load_pretrained(auto_class, path: str, cfg, what: str = "model") -> nn.Modul
     """`auto_class.from_pretrained` with the config's dtype and remote-code setting, frozen;
     a folder or hub id that does not load is a ConfigError that names it."""
     try:
+        extra = {}
+        if getattr(cfg, "dropout", None) is not None:
+            extra["config"] = _config_with_dropout(path, cfg)
         model = auto_class.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
-                                           dtype=DTYPES[cfg.dtype])
+                                           dtype=DTYPES[cfg.dtype], **extra)
     except OSError as exc:
         raise ConfigError(
             f"model.name_or_path: cannot load {what} {cfg.name_or_path!r}: {exc}. Give a local "
@@ -65,6 +68,17 @@ def load_pretrained(auto_class, path: str, cfg, what: str = "model") -> nn.Modul
         ) from None
     model.requires_grad_(False)
     return model
+
+
+def _config_with_dropout(path: str, cfg):
+    """The checkpoint's config with every dropout probability set to `cfg.dropout`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in key or key.endswith("_pdrop")):
+            setattr(config, key, float(cfg.dropout))
+    return config
 
 
 def load_tokenizer(path: str, cfg):

@@ -123,6 +123,11 @@ class ImageClassifierFamily(ClassifierFamily):
         "(prototype) head. U[t]: accuracy of the model's own pretrained head (frozen) on "
         "held-out images of its upstream classes.")
 
+    def prepare_training(self, stream, tasks, train_cfg) -> str | None:
+        """No lower-layer cache for image models (their stages are not one list of layers
+        for CNNs, and pixels are not cached token ids): every step runs the whole model."""
+        return None
+
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__(cfg, seed)
         self.path = image_model_path(cfg.name_or_path)

@@ -1,0 +1,203 @@
+"""Skip work that does not change: when LoRA adapts only the upper layers of a text encoder
+(`lora.layers: last 2`) and everything below is frozen and deterministic, the hidden state that
+enters the first adapted layer is a fixed function of the example. It is computed once per
+training example (no grad, length-sorted batches) and kept; each training step then runs the
+embeddings (cheap) and only the layers from there up.
+
+Exactness: pad positions never reach a real token (the attention mask hides them as keys, and
+pooling ignores them), so a cached step computes what the uncached step computes, up to float
+rounding from different batch shapes. The cache is only used when nothing below can change or
+vary: no trainable parameter below the first adapted layer, no dropout there (the config's
+attention dropout included), and the lower weights unchanged since it was filled (tracked by
+each parameter's in-place version counter). Otherwise training runs uncached and says why once.
+
+The layers are swapped, for the duration of a cached forward, for stand-ins: the first returns
+the cached states, the others pass them on. The model's own forward still builds the attention
+mask and runs everything above, so this works for any encoder whose layers are called in turn
+from one `nn.ModuleList` (BERT, RoBERTa, DeBERTa, MiniLM, ...).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from continual_lora.sequence import Stream
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing above the cached layer needs computing."""
+
+
+class _Inject(nn.Module):
+    """Stands in for layer 0: returns the cached states, shaped as the real layer returns."""
+
+    def __init__(self, states: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.states, self.as_tuple = states, as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (self.states,) if self.as_tuple else self.states
+
+
+class _Pass(nn.Module):
+    """Stands in for layers 1..start-1: passes the states on."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+def layer_list(backbone: nn.Module) -> nn.ModuleList | None:
+    """The encoder's list of transformer layers: the ModuleList as long as the config's
+    `num_hidden_layers`, or None when there is no such list."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    n = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    return None
+
+
+class LowerLayerCache:
+    """Hidden states entering layer `start`, one unpadded `(length, hidden)` tensor per
+    training example, keyed by (task index, example index)."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.start = 0
+        self.layers: nn.ModuleList | None = None
+        self.states: dict[tuple[int, int], torch.Tensor] = {}
+        self.as_tuple = False
+        self._identity: tuple | None = None
+        self.active = False
+        self.reason = ""  # why the last `prepare` left it off
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.states.values())
+
+    # -- deciding whether the cache may be used -------------------------------------------
+
+    def _lower_part(self, backbone: nn.Module, start: int) -> list[nn.Module]:
+        base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        embeddings = getattr(base, "embeddings", None)
+        return ([embeddings] if embeddings is not None else []) + list(self.layers[:start])
+
+    def _why_not(self, backbone: nn.Module) -> str:
+        """Why the cache cannot be used now ("" when it can); sets `layers` and `start`."""
+        self.layers = layer_list(backbone)
+        if self.layers is None:
+            return "no list of transformer layers found in this model"
+        trainable = [i for i, layer in enumerate(self.layers)
+                     if any(p.requires_grad for p in layer.parameters())]
+        if not trainable or trainable[0] == 0:
+            return "the first layer trains (lora.layers adapts it, or every layer)"
+        self.start = trainable[0]
+        lower = self._lower_part(backbone, self.start)
+        if any(p.requires_grad for part in lower for p in part.parameters()):
+            return "the embeddings train"
+        drops = [m.p for part in lower for m in part.modules() if isinstance(m, nn.Dropout)]
+        config = getattr(backbone, "config", None)
+        attention = [getattr(config, k, 0.0) or 0.0 for k in
+                     ("attention_probs_dropout_prob", "attention_dropout")]
+        if any(p > 0 for p in drops + attention):
+            return ("the frozen layers below use dropout, so their outputs vary from step to "
+                    "step; set model.dropout: 0 to cache them")
+        return ""
+
+    def _weights_identity(self, backbone: nn.Module) -> tuple:
+        return tuple((id(p), p._version) for part in self._lower_part(backbone, self.start)
+                     for p in part.parameters())
+
+    # -- filling ----------------------------------------------------------------------------
+
+    def prepare(self, backbone: nn.Module, stream: Stream, token_ids, pad_batch,
+                batch_size: int) -> bool:
+        """Before a task trains: decide, and compute the states of the stream's examples not
+        cached yet. `token_ids(task, index)` gives an example's ids; `pad_batch(ids)` pads a
+        list of them into (input_ids, attention_mask). Returns whether the cache is on."""
+        self.reason = self._why_not(backbone)
+        if self.reason:
+            self.active = False
+            return False
+        identity = self._weights_identity(backbone)
+        if identity != self._identity:  # the lower weights changed (or first use): refill
+            self.states, self._identity = {}, identity
+        wanted = sorted(set(stream.order) - set(self.states),
+                        key=lambda key: len(token_ids(*key)))
+        hidden = backbone.config.hidden_size
+        need = sum(len(token_ids(*key)) for key in wanted) * hidden * 4
+        if self.bytes + need > self.limit_bytes:
+            self.reason = (f"the cache would need {(self.bytes + need) / 2**20:.0f} MiB, more "
+                           f"than train.lower_cache_mb {self.limit_bytes / 2**20:.0f}")
+            self.active = False
+            return False
+        self._fill(backbone, wanted, token_ids, pad_batch, batch_size)
+        self.active = True
+        return True
+
+    @torch.no_grad()
+    def _fill(self, backbone, keys, token_ids, pad_batch, batch_size: int) -> None:
+        captured = {}
+
+        def capture(module, args, output):
+            captured["out"] = output
+            raise _StopForward
+
+        was_training = backbone.training
+        backbone.eval()  # no dropout anywhere (there is none below; checked)
+        handle = self.layers[self.start - 1].register_forward_hook(capture)
+        try:
+            for first in range(0, len(keys), batch_size):
+                chunk = keys[first:first + batch_size]
+                ids = [token_ids(*key) for key in chunk]
+                input_ids, mask = pad_batch(ids)
+                try:
+                    backbone(input_ids=input_ids, attention_mask=mask)
+                except _StopForward:
+                    pass
+                out = captured.pop("out")
+                self.as_tuple = isinstance(out, tuple)
+                states = out[0] if self.as_tuple else out
+                for row, (key, seq) in enumerate(zip(chunk, ids, strict=True)):
+                    self.states[key] = states[row, :len(seq)].float().clone()
+        finally:
+            handle.remove()
+            backbone.train(was_training)
+
+    # -- using ------------------------------------------------------------------------------
+
+    def batch(self, task_ids: torch.Tensor, example_ids: torch.Tensor, width: int,
+              dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The cached states of a batch, zero-padded to `width` tokens."""
+        keys = list(zip(task_ids.tolist(), example_ids.tolist(), strict=True))
+        first = self.states[keys[0]]
+        out = torch.zeros((len(keys), width, first.shape[-1]), dtype=dtype, device=device)
+        for row, key in enumerate(keys):
+            states = self.states[key]
+            out[row, :len(states)] = states.to(device=device, dtype=dtype)
+        return out
+
+    def covers(self, task_ids: torch.Tensor, example_ids: torch.Tensor) -> bool:
+        return self.active and all(
+            key in self.states for key in zip(task_ids.tolist(), example_ids.tolist(),
+                                              strict=True))
+
+    @contextmanager
+    def skipping_lower_layers(self, states: torch.Tensor):
+        """Layers below `start` stand in for themselves: the first returns `states`."""
+        originals = [self.layers[i] for i in range(self.start)]
+        self.layers[0] = _Inject(states, self.as_tuple)
+        for i in range(1, self.start):
+            self.layers[i] = _Pass(self.as_tuple)
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
