@@ -31,13 +31,18 @@ class PeakTensorMemory(TorchDispatchMode):
             self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # An output that shares an input's storage (a view, an in-place or `out=` result) is
+        # no new memory.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for value in tree_flatten(out)[0]:
             if not isinstance(value, torch.Tensor):
                 continue
             storage = value.untyped_storage()
             key, nbytes = id(storage), storage.nbytes()
-            if nbytes == 0 or key in self._refs:
+            if nbytes == 0 or key in self._refs or storage.data_ptr() in inputs:
                 continue
             self._refs[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, n))
             self.live += nbytes

@@ -185,3 +185,25 @@ def test_merge_dense_dispatches_and_checks_options():
         merge_dense("task_arithmetic", deltas, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="share one shape"):
         merge_dense("magmax", [TAU1, TAU1.T])
+
+
+def test_streaming_merges_over_many_blocks_equal_the_stacked_formula():
+    """task_arithmetic and magmax go block by block (merging.BLOCK entries): over tensors of
+    several blocks and a partial last one, with weights and mixed dtypes, they equal the formula
+    computed on the whole stack at once."""
+    from continual_lora.merging import BLOCK
+
+    g = torch.Generator().manual_seed(0)
+    shape = (3, BLOCK + 1000)  # 3 blocks and a bit: the last block is partial
+    deltas = [torch.randn(shape, generator=g) for _ in range(4)]
+    deltas[2] = deltas[2].to(torch.bfloat16)  # merged in float32 all the same
+    deltas[3][0, :50] = 4 * deltas[0][0, :50]  # tied after weighting: the earlier delta wins
+    w = [1.0, -0.5, 2.0, 0.25]
+    stack = torch.stack([d.float() * wi for d, wi in zip(deltas, w, strict=True)])
+    assert torch.allclose(task_arithmetic(deltas, w), stack.sum(0), rtol=0, atol=1e-5)
+    expected = stack.gather(0, stack.abs().argmax(0, keepdim=True)).squeeze(0)
+    merged = magmax(deltas, w)
+    assert merged.dtype == torch.float32 and merged.shape == shape
+    assert torch.equal(merged, expected)
+    # the inputs are left as they were (blocks are views, never written)
+    assert torch.equal(deltas[0], torch.randn(shape, generator=torch.Generator().manual_seed(0)))

@@ -118,18 +118,18 @@ def train_task(family: ModelFamily, strategy: Strategy, task: TaskData, tasks: l
         start_step, first_loss = resume.steps_done, resume.first_loss
     by_index = {t.index: t for t in tasks}
     names = {t.index: t.name for t in tasks}
+
+    # --- loop --------------------------------------------------------------------------------
+    model.train()
+    last_loss, stopped_at = math.nan, None
+    start = time.perf_counter()  # the task's training time includes filling any cache
     note = family.prepare_training(stream, by_index, train_cfg)
     if note:
         log({"event": "note", "task": task.name, "text": note})
         if accelerator.is_main_process:
             print(f"  {note}", file=sys.stderr, flush=True)
-
-    # --- loop --------------------------------------------------------------------------------
-    model.train()
     progress = _progress(stream.steps, f"task {task.index} {task.name}", accelerator,
                          start_step)
-    last_loss, stopped_at = math.nan, None
-    start = time.perf_counter()
     world, rank = accelerator.num_processes, accelerator.process_index
     for step, examples in stream.batches(start_step):
         # Several processes: each takes every world-th example of the global batch, and DDP
