@@ -45,8 +45,13 @@ STRATEGIES = {"naive": {}, "replay": {"buffer_size": 16}, "lwf": {}, "olora": {}
 
 def storage_bytes(prepared) -> tuple[int, int]:
     """(adapter bytes, heads bytes) of the last stage, as the run folder would keep them."""
+    from continual_lora.runner import score_row
+
     strategy, ctx = prepared.strategy, prepared.ctx
     strategy.after_task(ctx)
+    # as the runner does before saving a stage (moe saves its router's scores with it)
+    score_row(prepared.family, prepared.tasks, None, prepared.task.index,
+              prepared.cfg.train.eval_batch_size, strategy, ctx)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "adapter").mkdir()
