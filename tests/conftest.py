@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +86,25 @@ def tiny_run_config(tiny_bert, tiny_task_files, tmp_path):
         for key, value in extra.items():
             cfg[key] = value
         return cfg
+
+    return make
+
+
+@pytest.fixture
+def tiny_bench_config(tiny_run_config, tmp_path):
+    """`make(name)`: a bench YAML of naive and replay (joint is added by the bench) over the
+    tiny run config's two tasks, written under tmp_path; the bench folder is runs/<name>."""
+
+    def make(name: str) -> Path:
+        run = tiny_run_config("naive")
+        run.pop("strategy")
+        run.pop("name")
+        bench = {"name": name, "strategies": [{"name": "naive"},
+                                              {"name": "replay", "options": {"buffer_size": 4}}],
+                 "run": run}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(bench))
+        return path
 
     return make
 

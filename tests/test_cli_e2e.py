@@ -83,17 +83,8 @@ def test_run_on_the_embedded_model(tmp_path, capsys):
     assert "recorded" in capsys.readouterr().out
 
 
-def test_bench_table_has_a_row_per_strategy_and_joint(tiny_run_config, tmp_path, capsys):
-    run = tiny_run_config("naive")
-    run.pop("strategy")
-    run.pop("name")
-    bench = {"name": "tinybench", "strategies": [{"name": "naive"},
-                                                 {"name": "replay",
-                                                  "options": {"buffer_size": 4}}],
-             "run": run}
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(bench))
-    assert main(["bench", str(path)]) == 0
+def test_bench_table_has_a_row_per_strategy_and_joint(tiny_bench_config, tmp_path, capsys):
+    assert main(["bench", str(tiny_bench_config("tinybench"))]) == 0
     bench_dir = tmp_path / "runs" / "tinybench"
     assert {"bench.yaml", "comparison.md", "comparison.csv"} <= _files(bench_dir)
     rows = list(csv.DictReader((bench_dir / "comparison.csv").open()))

@@ -14,25 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from continual_lora.cli import main
 from continual_lora.config import ConfigError, load_run_config
 
 
 @pytest.fixture
-def tiny_bench(tiny_run_config, tmp_path, capsys) -> Path:
+def tiny_bench(tiny_bench_config, tmp_path, capsys) -> Path:
     """naive and replay (and joint, added by the bench) on the two tiny tasks, through the CLI."""
-    run = tiny_run_config("naive")
-    run.pop("strategy")
-    run.pop("name")
-    bench = {"name": "pagebench", "strategies": [{"name": "naive"},
-                                                 {"name": "replay",
-                                                  "options": {"buffer_size": 4}}],
-             "run": run}
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(bench))
-    assert main(["bench", str(path)]) == 0
+    assert main(["bench", str(tiny_bench_config("pagebench"))]) == 0
     bench_dir = tmp_path / "runs" / "pagebench"
     assert f"report: {bench_dir / 'report.html'}" in capsys.readouterr().out
     return bench_dir
@@ -112,20 +102,29 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.slow
-def test_report_renders_in_headless_chromium(tiny_bench, tmp_path):
-    """A real browser opens the page: every image loaded (the page's script counts them on
-    <body>), the table has one row per strategy, and the screenshot is not blank."""
+def _headless(tmp_path) -> list[str]:
+    """The headless Chromium command line (skip without one, fail in CI)."""
     browser = _chromium()
     if browser is None:
         if os.environ.get("CONTINUAL_LORA_REQUIRE_BROWSER"):
             pytest.fail("no chromium on PATH, and CI requires it (apt-get install chromium)")
         pytest.skip("no chromium on PATH (apt-get install chromium)")
+    return [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+
+
+def _dom(common: list[str], url: str) -> str:
+    return subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tiny_bench, tmp_path):
+    """A real browser opens the page: every image loaded (the page's script counts them on
+    <body>), the table has one row per strategy, and the screenshot is not blank."""
+    common = _headless(tmp_path)
     url = (tiny_bench / "report.html").resolve().as_uri()
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    dom = _dom(common, url)
     total = re.search(r'data-images-total="(\d+)"', dom)
     loaded = re.search(r'data-images-loaded="(\d+)"', dom)
     assert total and loaded, "the page's load script did not run"
@@ -152,11 +151,24 @@ def test_report_renders_in_headless_chromium(tiny_bench, tmp_path):
     assert (saturation > 60).mean() > 0.01
 
 
+@pytest.mark.slow
 def test_a_figure_that_cannot_load_is_marked_on_the_page(tmp_path):
-    from continual_lora.report.html import SCRIPT, page
+    """The page's load script tells a broken figure from a good one (so the browser test's
+    `loaded == total` is a real check): a PNG moved away is counted and named on the page."""
+    from continual_lora.report.html import image, page
 
-    html_text = page("t", "s", ['<img src="missing.png" alt="gone" data-file="missing.png">'])
-    assert "figure did not load" in SCRIPT and "<script>" in html_text
+    good = tmp_path / "figures" / "good.png"
+    good.parent.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(good)
+    body = [image(good, tmp_path, "a good figure"),
+            '<img src="figures/missing.png" alt="gone" data-file="figures/missing.png">']
+    path = tmp_path / "report.html"
+    path.write_text(page("t", "s", body))
+    dom = _dom(_headless(tmp_path), path.resolve().as_uri())
+    assert 'data-images-total="2"' in dom and 'data-images-loaded="1"' in dom
+    assert re.search(r'<p class="broken">figure did not load: figures/missing.png</p>', dom)
 
 
 def test_markdown_tables_become_html_tables():
