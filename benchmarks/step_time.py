@@ -50,6 +50,9 @@ import torch
 import yaml
 from accelerate import Accelerator
 
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling modules
+from tensor_memory import PeakTensorMemory, resident_bytes  # noqa: E402
+
 from continual_lora.adapters import (
     count_layers,
     make_lora_config,
@@ -320,9 +323,6 @@ def time_steps(prepared, accelerator: Accelerator, steps: int) -> list[float]:
 def measure_memory(prepared, accelerator: Accelerator) -> None:
     """Peak bytes held by the case's tensors over a call of 2 steps (untimed)."""
     import gc
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tensor_memory import PeakTensorMemory, resident_bytes
 
     gc.collect()
     module, optimizer = prepared.memory_state()

@@ -205,7 +205,7 @@ class ClassifierFamily(ModelFamily):
         was_training = self.module.training
         self.module.eval()
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # equal for images
-        world = self.accelerator.num_processes if self.accelerator is not None else 1
+        world = self.accelerator_world()
         mine = order[self.accelerator.process_index::world] if world > 1 else order
         local = torch.empty((len(mine), self.hidden_size))
         for start in range(0, len(mine), batch_size):
@@ -259,6 +259,7 @@ class ClassifierFamily(ModelFamily):
         return f"lower-layer cache off: {cache.reason}"
 
     def accelerator_world(self) -> int:
+        """Processes training together (1 without an accelerator)."""
         return self.accelerator.num_processes if self.accelerator is not None else 1
 
     # -- heads ---------------------------------------------------------------------------------
