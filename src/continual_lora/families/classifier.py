@@ -31,6 +31,13 @@ from continual_lora.families.common import (
     load_tokenizer,
     resolve_model_path,
 )
+from continual_lora.families.packing import (
+    PackedLayout,
+    additive_mask_dtype,
+    packed_layout,
+    packing_check,
+    position_offsets,
+)
 from continual_lora.sequence import RetrievalProbe, TaskData
 
 PROTOTYPE_EXAMPLES_PER_CLASS = 64
@@ -45,7 +52,17 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor,
     else:
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return finish_pooled(pooled, cfg)
+
+
+def finish_pooled(pooled: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return F.normalize(pooled, dim=-1) if cfg.normalize else pooled
+
+
+def _padded_tokens(lengths: list[int], batch_size: int) -> int:
+    """Tokens a padded batch of the stream's order would hold (each batch at its longest)."""
+    return sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
+               for i in range(0, len(lengths), batch_size))
 
 
 class ClassifierModule(nn.Module):
@@ -58,24 +75,48 @@ class ClassifierModule(nn.Module):
         self.cfg = cfg
         self.offsets: dict[int, int] = {}  # shared head: first row of each task's classes
         self.lower_cache = None  # a LowerLayerCache, set by ClassifierFamily.prepare_training
+        self.pack = False  # train on packed rows (packing.py); set by prepare_training
+        self.position_offset = 0  # the model's first position id (RoBERTa: padding_idx + 1)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  task_ids: torch.Tensor | None = None,
                  example_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled features. A training batch whose examples are all in the lower-layer cache
-        (`lower_cache.py`; keyed by task and example ids) runs only the layers above it."""
-        cache = self.lower_cache
-        if (self.training and cache is not None and example_ids is not None
-                and cache.covers(task_ids, example_ids)):
-            embed = self.backbone.get_input_embeddings().weight
-            states = cache.batch(task_ids, example_ids, input_ids.shape[1], embed.dtype,
-                                 input_ids.device)
-            with cache.skipping_lower_layers(states):
-                hidden = self.backbone(input_ids=input_ids,
-                                       attention_mask=attention_mask).last_hidden_state
+        """Pooled features. In training, a batch runs packed (`packing.py`, when the model
+        passed the check). With the lower-layer cache on (`lower_cache.py`), a batch runs only
+        the layers above it: training examples are cached by task and example ids before the
+        task trains, evaluated texts by their token ids the first time they are scored."""
+        cache, states = self.lower_cache, None
+        embed = self.backbone.get_input_embeddings().weight
+        if cache is not None and self.training:
+            if example_ids is not None and cache.covers(task_ids, example_ids):
+                states = cache.batch(task_ids, example_ids, input_ids.shape[1], embed.dtype,
+                                     input_ids.device)
+        elif cache is not None:
+            states = cache.evaluation_states(self.backbone, input_ids, attention_mask,
+                                             embed.dtype)
+        layout = packed_layout(attention_mask) if self.training and self.pack else None
+        return self.pooled(input_ids, attention_mask, layout, states)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               layout: PackedLayout | None = None,
+               lower_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's pooled output for a padded batch, run padded or in `layout`'s packed
+        rows, from the embeddings or from the lower-layer cache's `lower_states`."""
+        if layout is not None:
+            inputs = {"input_ids": layout.pack(input_ids),
+                      "attention_mask": layout.attention_mask(additive_mask_dtype(self.backbone)),
+                      "position_ids": layout.position_ids + self.position_offset}
+            if lower_states is not None:
+                lower_states = layout.pack(lower_states)
         else:
-            hidden = self.backbone(input_ids=input_ids,
-                                   attention_mask=attention_mask).last_hidden_state
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if lower_states is not None:
+            with self.lower_cache.skipping_lower_layers(lower_states):
+                hidden = self.backbone(**inputs).last_hidden_state
+        else:
+            hidden = self.backbone(**inputs).last_hidden_state
+        if layout is not None:
+            return finish_pooled(layout.pool(hidden, self.cfg.pooling), self.cfg)
         return pool_hidden(hidden, attention_mask, self.cfg)
 
     def head_input(self, feats: torch.Tensor) -> torch.Tensor:
@@ -130,6 +171,7 @@ class ClassifierFamily(ModelFamily):
         self._tasks: dict[int, TaskData] = {}
         self.device = torch.device("cpu")
         self.accelerator = None  # set by the runner: evaluation is then sharded and gathered
+        self._packing_refused: str | None = None  # None: not checked yet; "": packing works
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -236,8 +278,53 @@ class ClassifierFamily(ModelFamily):
         return self._encode(self._inputs(task, split), batch_size)
 
     def prepare_training(self, stream, tasks: dict[int, TaskData], train_cfg) -> str | None:
-        """Fill the lower-layer cache for the stream's examples when LoRA adapts only upper
-        layers (see lower_cache.py); the line says whether it is on, and if not, why."""
+        """Decide how this task's steps skip work: packed rows instead of padding, and the
+        lower-layer cache when LoRA adapts only upper layers. The line says what is on, and
+        for what was asked for but is off, why."""
+        token_ids = lambda t, i: self._tokens(tasks[t], "train")[i]  # noqa: E731
+        lines = [self._prepare_packing(stream, token_ids, train_cfg),
+                 self._prepare_lower_cache(stream, token_ids, train_cfg)]
+        return "; ".join(line for line in lines if line) or None
+
+    def _prepare_packing(self, stream, token_ids, train_cfg) -> str | None:
+        module = self.module
+        if not train_cfg.pack_sequences:
+            module.pack = False
+            return None
+        if self._packing_refused is None:  # the model's behaviour does not change: check once
+            sample = [token_ids(*key) for key in stream.order[:8]]
+            self._packing_refused = self._check_packing(sample)
+        module.pack = not self._packing_refused
+        if self._packing_refused:
+            return f"packing off: {self._packing_refused}"
+        lengths = [len(token_ids(*key)) for key in stream.order]
+        return (f"packed batches: {sum(lengths)} tokens in this task's steps instead of "
+                f"{_padded_tokens(lengths, stream.batch_size)} padded")
+
+    def _check_packing(self, sample: list[list[int]]) -> str:
+        """Why packing must stay off for this model ("" when packed equals padded). Run in
+        eval mode, where dropout does not make the two differ. Positions are tried from 0 and,
+        for models that number them after the padding index (RoBERTa, XLM-R), from there."""
+        module = self.module
+        if len({len(ids) for ids in sample}) < 2:  # the check needs padding to remove
+            sample = sample + [sample[0][: max(2, len(sample[0]) // 2)]]
+        was_training = module.training
+        module.eval()
+        reason = ""
+        try:
+            for offset in position_offsets(module.backbone):
+                module.position_offset = offset
+                reason = packing_check(
+                    module.pooled,
+                    lambda ids, mask: module.pooled(ids, mask, packed_layout(mask)),
+                    *self._pad(sample))
+                if not reason:
+                    break
+        finally:
+            module.train(was_training)
+        return reason
+
+    def _prepare_lower_cache(self, stream, token_ids, train_cfg) -> str | None:
         from continual_lora.families.lower_cache import LowerLayerCache
 
         module = self.module
@@ -247,8 +334,7 @@ class ClassifierFamily(ModelFamily):
         if module.lower_cache is None:
             module.lower_cache = LowerLayerCache(train_cfg.lower_cache_mb * 2**20)
         cache = module.lower_cache
-        on = cache.prepare(module.backbone, stream,
-                           lambda t, i: self._tokens(tasks[t], "train")[i], self._pad,
+        on = cache.prepare(module.backbone, stream, token_ids, self._pad,
                            train_cfg.eval_batch_size)
         if on:
             return (f"lower-layer cache: layers 0-{cache.start - 1} computed once for "

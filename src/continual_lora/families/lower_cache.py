@@ -53,6 +53,15 @@ class _Pass(nn.Module):
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
+def _padded(states: list[torch.Tensor], width: int, dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+    """Unpadded `(length, hidden)` states stacked into `(batch, width, hidden)`, zeros after."""
+    out = torch.zeros((len(states), width, states[0].shape[-1]), dtype=dtype, device=device)
+    for row, kept in enumerate(states):
+        out[row, :len(kept)] = kept.to(device=device, dtype=dtype)
+    return out
+
+
 def layer_list(backbone: nn.Module) -> nn.ModuleList | None:
     """The encoder's list of transformer layers: the ModuleList as long as the config's
     `num_hidden_layers`, or None when there is no such list."""
@@ -72,15 +81,18 @@ class LowerLayerCache:
         self.limit_bytes = limit_bytes
         self.start = 0
         self.layers: nn.ModuleList | None = None
-        self.states: dict[tuple[int, int], torch.Tensor] = {}
+        self.states: dict[tuple[int, int], torch.Tensor] = {}  # training examples
+        self.by_tokens: dict[tuple[int, ...], torch.Tensor] = {}  # evaluated texts
         self.as_tuple = False
         self._identity: tuple | None = None
         self.active = False
         self.reason = ""  # why the last `prepare` left it off
+        self.pad_batch = None  # token id lists -> (input_ids, mask), given to `prepare`
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.states.values())
+        return sum(t.numel() * t.element_size()
+                   for kept in (self.states, self.by_tokens) for t in kept.values())
 
     # -- deciding whether the cache may be used -------------------------------------------
 
@@ -122,13 +134,14 @@ class LowerLayerCache:
         """Before a task trains: decide, and compute the states of the stream's examples not
         cached yet. `token_ids(task, index)` gives an example's ids; `pad_batch(ids)` pads a
         list of them into (input_ids, attention_mask). Returns whether the cache is on."""
+        self.pad_batch = pad_batch
         self.reason = self._why_not(backbone)
         if self.reason:
             self.active = False
             return False
         identity = self._weights_identity(backbone)
         if identity != self._identity:  # the lower weights changed (or first use): refill
-            self.states, self._identity = {}, identity
+            self.states, self.by_tokens, self._identity = {}, {}, identity
         wanted = sorted(set(stream.order) - set(self.states),
                         key=lambda key: len(token_ids(*key)))
         hidden = backbone.config.hidden_size
@@ -142,9 +155,16 @@ class LowerLayerCache:
         self.active = True
         return True
 
-    @torch.no_grad()
     def _fill(self, backbone, keys, token_ids, pad_batch, batch_size: int) -> None:
-        captured = {}
+        ids = [token_ids(*key) for key in keys]
+        for key, states in zip(keys, self._compute(backbone, ids, pad_batch, batch_size),
+                               strict=True):
+            self.states[key] = states
+
+    @torch.no_grad()
+    def _compute(self, backbone, id_lists, pad_batch, batch_size: int) -> list[torch.Tensor]:
+        """The states entering layer `start` of each token id list, unpadded (float32)."""
+        captured, out_states = {}, []
 
         def capture(module, args, output):
             captured["out"] = output
@@ -154,10 +174,9 @@ class LowerLayerCache:
         backbone.eval()  # no dropout anywhere (there is none below; checked)
         handle = self.layers[self.start - 1].register_forward_hook(capture)
         try:
-            for first in range(0, len(keys), batch_size):
-                chunk = keys[first:first + batch_size]
-                ids = [token_ids(*key) for key in chunk]
-                input_ids, mask = pad_batch(ids)
+            for first in range(0, len(id_lists), batch_size):
+                chunk = id_lists[first:first + batch_size]
+                input_ids, mask = pad_batch(chunk)
                 try:
                     backbone(input_ids=input_ids, attention_mask=mask)
                 except _StopForward:
@@ -165,24 +184,47 @@ class LowerLayerCache:
                 out = captured.pop("out")
                 self.as_tuple = isinstance(out, tuple)
                 states = out[0] if self.as_tuple else out
-                for row, (key, seq) in enumerate(zip(chunk, ids, strict=True)):
-                    self.states[key] = states[row, :len(seq)].float().clone()
+                out_states += [states[row, :len(seq)].float().clone()
+                               for row, seq in enumerate(chunk)]
         finally:
             handle.remove()
             backbone.train(was_training)
+        return out_states
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluation_states(self, backbone: nn.Module, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The states entering layer `start` for an evaluation batch (padded like it), from
+        the cache, computing and keeping the texts not seen yet; None when the cache does not
+        apply to `backbone` now (off, another layer stack, or the lower weights changed).
+
+        Evaluation scores the same held-out texts after every task, and the layers below the
+        adapted ones give the same states each time: they are keyed by the token ids."""
+        if not self.active or layer_list(backbone) is not self.layers:
+            return None
+        if self._weights_identity(backbone) != self._identity:
+            return None
+        lengths = attention_mask.sum(1).tolist()
+        keys = [tuple(row[:n]) for row, n in zip(input_ids.tolist(), lengths, strict=True)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.by_tokens))
+        need = sum(len(k) for k in missing) * backbone.config.hidden_size * 4
+        if self.bytes + need > self.limit_bytes:
+            return None
+        if missing:
+            computed = self._compute(backbone, [list(k) for k in missing], self.pad_batch,
+                                     len(missing))
+            self.by_tokens.update(zip(missing, computed, strict=True))
+        return _padded([self.by_tokens[k] for k in keys], input_ids.shape[1], dtype,
+                       input_ids.device)
 
     # -- using ------------------------------------------------------------------------------
 
     def batch(self, task_ids: torch.Tensor, example_ids: torch.Tensor, width: int,
               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The cached states of a batch, zero-padded to `width` tokens."""
-        keys = list(zip(task_ids.tolist(), example_ids.tolist(), strict=True))
-        first = self.states[keys[0]]
-        out = torch.zeros((len(keys), width, first.shape[-1]), dtype=dtype, device=device)
-        for row, key in enumerate(keys):
-            states = self.states[key]
-            out[row, :len(states)] = states.to(device=device, dtype=dtype)
-        return out
+        """The cached states of a training batch, zero-padded to `width` tokens."""
+        keys = zip(task_ids.tolist(), example_ids.tolist(), strict=True)
+        return _padded([self.states[key] for key in keys], width, dtype, device)
 
     def covers(self, task_ids: torch.Tensor, example_ids: torch.Tensor) -> bool:
         return self.active and all(
