@@ -331,3 +331,62 @@ def test_roberta_packs_with_its_positions_after_the_padding_index(tiny_run_confi
     data["lora"] = {"r": 2}
     result = run(load_run_config(None, data=data), echo=lambda _: None)
     assert all(n.startswith("packed batches: ") for n in _notes(result.run_dir))
+
+
+# -- one head product for a batch that mixes tasks ----------------------------------------------
+
+
+def _loop_task_losses(module, feats, labels, task_ids):
+    """The per-task loop task_losses replaced: one head call and one cross-entropy per task."""
+    import torch.nn.functional as F
+
+    per_example = torch.empty(len(feats))
+    by_task = {}
+    for t in torch.unique(task_ids).tolist():
+        rows = task_ids == t
+        logits = module.head_logits(module.head_key(t), feats[rows])
+        by_task[t] = logits
+        per_example[rows] = F.cross_entropy(logits, labels[rows] + module.offsets.get(t, 0),
+                                            reduction="none")
+    return per_example, by_task
+
+
+@pytest.mark.parametrize("head, normalize", [("per_task", True), ("per_task", False),
+                                             ("shared", True)])
+def test_mixed_task_batches_score_as_the_per_task_loop(head, normalize):
+    """Tasks of 2, 4 and 3 classes in one batch: the stacked heads give each row the loss,
+    logits and gradients the per-task loop gave."""
+    from torch import nn
+
+    from continual_lora.config import ModelConfig
+    from continual_lora.families.classifier import ClassifierModule
+
+    torch.manual_seed(0)
+    module = ClassifierModule(nn.Identity(), ModelConfig(head=head, normalize=normalize))
+    classes = {1: 2, 2: 4, 3: 3}
+    if head == "shared":
+        module.heads["shared"] = nn.Linear(5, sum(classes.values()))
+        module.offsets = {1: 0, 2: 2, 3: 6}
+    else:
+        for t, n in classes.items():
+            module.heads[f"task{t}"] = nn.Linear(5, n)
+        module.heads["task1"].requires_grad_(False)  # an old, frozen head
+    task_ids = torch.tensor([2, 1, 3, 3, 2, 1, 2])
+    labels = torch.tensor([3, 1, 2, 0, 0, 0, 1])
+    results = []
+    for fn in (lambda f: module.task_losses(f, labels, task_ids)[:2],
+               lambda f: _loop_task_losses(module, f, labels, task_ids)):
+        feats = torch.randn(7, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        module.zero_grad()
+        loss, by_task = fn(feats)
+        loss.sum().backward()
+        grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+        results.append((loss.detach(), {t: v.detach() for t, v in by_task.items()}, feats.grad,
+                        grads))
+    (loss_a, logits_a, feat_grad_a, grads_a), (loss_b, logits_b, feat_grad_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert logits_a.keys() == logits_b.keys() == {1, 2, 3}
+    assert all(torch.allclose(logits_a[t], logits_b[t], atol=1e-6) for t in logits_a)
+    assert torch.allclose(feat_grad_a, feat_grad_b, atol=1e-6)
+    assert len(grads_a) == len(grads_b) == (2 if head == "shared" else 4)  # frozen head: none
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b, strict=True))

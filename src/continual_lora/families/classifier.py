@@ -140,16 +140,34 @@ class ClassifierModule(nn.Module):
         return self.task_losses(feats, labels, task_ids)
 
     def task_losses(self, feats: torch.Tensor, labels: torch.Tensor, task_ids: torch.Tensor):
-        """(per-example loss, logits per task, features) of a batch's features."""
-        per_example = torch.empty(len(feats), device=feats.device, dtype=feats.dtype)
-        logits_by_task = {}
-        for t in torch.unique(task_ids).tolist():
-            rows = task_ids == t
-            targets = labels[rows] + self.offsets.get(t, 0)
-            logits = self.head_logits(self.head_key(t), feats[rows])
-            logits_by_task[t] = logits
-            per_example[rows] = F.cross_entropy(logits, targets, reduction="none")
-        return per_example, logits_by_task, feats
+        """(per-example loss, logits per task, features) of a batch's features.
+
+        One head product for the whole batch, whatever the number of tasks in it (a replay
+        batch mixes up to T): the heads are stacked, padded to the most classes with logits of
+        -inf (zero probability, no gradient), and each row reads its own task's."""
+        tasks = torch.unique(task_ids).tolist()
+        if len(tasks) == 1 or self.cfg.head == "shared":
+            key = self.head_key(tasks[0])  # one head serves every row
+            logits = self.head_logits(key, feats)
+            offsets = torch.tensor([self.offsets.get(t, 0) for t in tasks], device=feats.device)
+            row_task = torch.searchsorted(torch.tensor(tasks, device=feats.device), task_ids)
+            per_example = F.cross_entropy(logits, labels + offsets[row_task], reduction="none")
+            return per_example, {t: logits[task_ids == t] for t in tasks}, feats
+        heads = [self.heads[self.head_key(t)] for t in tasks]
+        classes = [h.out_features for h in heads]
+        width = max(classes)
+        weight = torch.stack([F.pad(h.weight, (0, 0, 0, width - h.out_features))
+                              for h in heads])
+        bias = torch.stack([F.pad(h.bias, (0, width - h.out_features), value=float("-inf"))
+                            for h in heads])
+        row_task = torch.searchsorted(torch.tensor(tasks, device=feats.device), task_ids)
+        x = self.head_input(feats)
+        logits = torch.einsum("bd,bcd->bc", x, weight[row_task]) + bias[row_task]
+        if self.cfg.normalize:
+            logits = logits * self.cfg.logit_scale
+        per_example = F.cross_entropy(logits, labels, reduction="none")
+        by_task = {t: logits[task_ids == t, :n] for t, n in zip(tasks, classes, strict=True)}
+        return per_example, by_task, feats
 
 
 class ClassifierFamily(ModelFamily):
