@@ -390,3 +390,44 @@ def test_mixed_task_batches_score_as_the_per_task_loop(head, normalize):
     assert torch.allclose(feat_grad_a, feat_grad_b, atol=1e-6)
     assert len(grads_a) == len(grads_b) == (2 if head == "shared" else 4)  # frozen head: none
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_the_cache_outlives_new_tensors_with_the_same_weights(tiny_bert):
+    """`joint` reloads the base for every task: new tensors, same contents. The cached states
+    are kept; lower weights whose contents changed empty the cache."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from continual_lora.families.lower_cache import LowerLayerCache
+    from continual_lora.sequence import Stream
+
+    def upper_only():
+        base = AutoModel.from_pretrained(tiny_bert, hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0)
+        base.requires_grad_(False)
+        return get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"],
+                                               layers_to_transform=[1]))
+
+    ids = {(1, 0): [101, 2023, 102], (1, 1): [101, 2023, 2003, 1037, 102]}
+
+    def pad(batch):
+        width = max(map(len, batch))
+        return (torch.tensor([x + [0] * (width - len(x)) for x in batch]),
+                torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch]))
+
+    cache = LowerLayerCache(2**30)
+    stream = Stream(order=list(ids), batch_size=2, steps=1)
+    computed = []
+    real = cache._compute
+    cache._compute = lambda *a: computed.append(len(a[1])) or real(*a)
+    assert cache.prepare(upper_only(), stream, lambda t, i: ids[(t, i)], pad, 8)
+    first = {k: v.clone() for k, v in cache.states.items()}
+    assert computed == [2]
+    assert cache.prepare(upper_only(), stream, lambda t, i: ids[(t, i)], pad, 8)  # reloaded
+    assert computed == [2] and all(torch.equal(first[k], cache.states[k]) for k in first)
+    changed = upper_only()
+    with torch.no_grad():
+        changed.get_base_model().embeddings.word_embeddings.weight.mul_(2.0)
+    assert cache.prepare(changed, stream, lambda t, i: ids[(t, i)], pad, 8)
+    assert computed == [2, 2]  # recomputed from the changed weights
+    assert not torch.equal(first[(1, 0)], cache.states[(1, 0)])

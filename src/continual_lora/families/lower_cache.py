@@ -9,7 +9,9 @@ pooling ignores them), so a cached step computes what the uncached step computes
 rounding from different batch shapes. The cache is only used when nothing below can change or
 vary: no trainable parameter below the first adapted layer, no dropout there (the config's
 attention dropout included), and the lower weights unchanged since it was filled (tracked by
-each parameter's in-place version counter). Otherwise training runs uncached and says why once.
+each parameter's in-place version counter; when the tensors themselves are new, as when `joint`
+reloads the base for each task, by a sha256 of their contents). Otherwise training runs
+uncached and says why once.
 
 The layers are swapped, for the duration of a cached forward, for stand-ins: the first returns
 the cached states, the others pass them on. The model's own forward still builds the attention
@@ -19,6 +21,7 @@ from one `nn.ModuleList` (BERT, RoBERTa, DeBERTa, MiniLM, ...).
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 
 import torch
@@ -84,7 +87,8 @@ class LowerLayerCache:
         self.states: dict[tuple[int, int], torch.Tensor] = {}  # training examples
         self.by_tokens: dict[tuple[int, ...], torch.Tensor] = {}  # evaluated texts
         self.as_tuple = False
-        self._identity: tuple | None = None
+        self._identity: tuple | None = None  # (id, in-place version) of each lower weight
+        self._digest = ""  # their contents, checked when the identity changes
         self.active = False
         self.reason = ""  # why the last `prepare` left it off
         self.pad_batch = None  # token id lists -> (input_ids, mask), given to `prepare`
@@ -127,6 +131,16 @@ class LowerLayerCache:
         return tuple((id(p), p._version) for part in self._lower_part(backbone, self.start)
                      for p in part.parameters())
 
+    def _weights_digest(self, backbone: nn.Module) -> str:
+        """sha256 of the lower part's parameters (shapes, dtypes, bytes), in module order."""
+        digest = hashlib.sha256()
+        for part in self._lower_part(backbone, self.start):
+            for p in part.parameters():
+                t = p.detach().cpu().contiguous()
+                digest.update(f"{tuple(t.shape)}:{t.dtype}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     # -- filling ----------------------------------------------------------------------------
 
     def prepare(self, backbone: nn.Module, stream: Stream, token_ids, pad_batch,
@@ -140,8 +154,12 @@ class LowerLayerCache:
             self.active = False
             return False
         identity = self._weights_identity(backbone)
-        if identity != self._identity:  # the lower weights changed (or first use): refill
-            self.states, self.by_tokens, self._identity = {}, {}, identity
+        if identity != self._identity:  # other tensors, or changed in place: compare contents
+            digest = self._weights_digest(backbone)
+            if digest != self._digest:  # the lower weights changed (or first use): refill
+                self.states, self.by_tokens = {}, {}
+            # equal contents in new tensors (joint reloads the base for every task): keep all
+            self._identity, self._digest = identity, digest
         wanted = sorted(set(stream.order) - set(self.states),
                         key=lambda key: len(token_ids(*key)))
         hidden = backbone.config.hidden_size
@@ -156,6 +174,8 @@ class LowerLayerCache:
         return True
 
     def _fill(self, backbone, keys, token_ids, pad_batch, batch_size: int) -> None:
+        if not keys:
+            return
         ids = [token_ids(*key) for key in keys]
         for key, states in zip(keys, self._compute(backbone, ids, pad_batch, batch_size),
                                strict=True):
