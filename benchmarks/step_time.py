@@ -235,9 +235,14 @@ class PlainLoop:
 
 
 def demo_run_mapping() -> dict:
-    """The demo preset's run settings (model, LoRA, batch size), as a mapping."""
+    """The demo preset's run settings (model, LoRA, batch size), as a mapping, with LoRA on
+    every layer and the checkpoint's own dropout: the usual fine-tuning step, which the plain
+    loop also runs. (The demo itself adapts the last 2 layers; the `upper2` cases time that.)"""
     preset = files("continual_lora") / "presets" / "demo.yaml"
-    return yaml.safe_load(preset.read_text(encoding="utf-8"))["run"]
+    run = yaml.safe_load(preset.read_text(encoding="utf-8"))["run"]
+    run["lora"].pop("layers", None)
+    run["model"].pop("dropout", None)
+    return run
 
 
 def case_config(case: Case, args: argparse.Namespace) -> RunConfig:

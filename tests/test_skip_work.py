@@ -33,6 +33,8 @@ def test_cached_lower_layers_train_and_score_the_same(tiny_run_config, monkeypat
     evaluated text, give the adapters, losses and scores of the uncached run."""
     from continual_lora.families import lower_cache
 
+    monkeypatch.setattr(lower_cache, "_SHARED", {})  # no states from an earlier test's runs
+
     injected, evaluated = [], []
     real = lower_cache._Inject.forward
     monkeypatch.setattr(lower_cache._Inject, "forward",
@@ -46,7 +48,7 @@ def test_cached_lower_layers_train_and_score_the_same(tiny_run_config, monkeypat
     plain = run(_upper_only(tiny_run_config, "uncached", cache_lower_layers=False),
                 echo=lambda _: None)
     notes = _notes(cached.run_dir)
-    assert len(notes) == 2 and "; lower-layer cache: layers 0-0 computed once" in notes[0]
+    assert len(notes) == 2 and "; lower-layer cache: layers 0-0 run once per text" in notes[0]
     assert not any("lower-layer cache" in note for note in _notes(plain.run_dir))
     for stage in ("01-a", "02-b"):
         a = load_file(str(cached.run_dir / "tasks" / stage / "adapter/adapter_model.safetensors"))
@@ -392,14 +394,18 @@ def test_mixed_task_batches_score_as_the_per_task_loop(head, normalize):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b, strict=True))
 
 
-def test_the_cache_outlives_new_tensors_with_the_same_weights(tiny_bert):
-    """`joint` reloads the base for every task: new tensors, same contents. The cached states
-    are kept; lower weights whose contents changed empty the cache."""
+def test_the_cache_outlives_new_tensors_with_the_same_weights(tiny_bert, monkeypatch):
+    """`joint` reloads the base for every task, and each run of a bench loads it again: new
+    tensors, same contents. The cached states are kept (a new cache finds them too); lower
+    weights whose contents changed start an empty store."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
+    from continual_lora.families import lower_cache
     from continual_lora.families.lower_cache import LowerLayerCache
     from continual_lora.sequence import Stream
+
+    monkeypatch.setattr(lower_cache, "_SHARED", {})
 
     def upper_only():
         base = AutoModel.from_pretrained(tiny_bert, hidden_dropout_prob=0.0,
@@ -425,9 +431,30 @@ def test_the_cache_outlives_new_tensors_with_the_same_weights(tiny_bert):
     assert computed == [2]
     assert cache.prepare(upper_only(), stream, lambda t, i: ids[(t, i)], pad, 8)  # reloaded
     assert computed == [2] and all(torch.equal(first[k], cache.states[k]) for k in first)
+    next_run = LowerLayerCache(2**30)  # the next run of a bench, same process
+    assert next_run.prepare(upper_only(), stream, lambda t, i: ids[(t, i)], pad, 8)
+    assert next_run.filled == 0 and next_run.states.keys() == first.keys()
     changed = upper_only()
     with torch.no_grad():
         changed.get_base_model().embeddings.word_embeddings.weight.mul_(2.0)
     assert cache.prepare(changed, stream, lambda t, i: ids[(t, i)], pad, 8)
-    assert computed == [2, 2]  # recomputed from the changed weights
-    assert not torch.equal(first[(1, 0)], cache.states[(1, 0)])
+    assert computed == [2, 2] and cache.filled == 2  # recomputed from the changed weights
+    assert not torch.equal(first[(101, 2023, 102)], cache.states[(101, 2023, 102)])
+
+
+@pytest.mark.parametrize("strategy", ["moe", "joint", "olora"])
+def test_strategies_that_swap_the_backbone_run_with_the_cache_on(tiny_run_config, strategy):
+    """moe scores through a mixture of adapters (not a layer stack the cache knows: it runs
+    uncached there), joint reloads the base for each task, olora stacks adapters: each runs
+    with the cache on and scores what it scores with the cache off."""
+    results = []
+    for cache in (True, False):
+        data = tiny_run_config(strategy, train={"lr": 1e-2, "batch_size": 8, "max_steps": 3,
+                                                "eval_batch_size": 16,
+                                                "cache_lower_layers": cache})
+        data["name"] = f"{strategy}-{cache}"
+        data["lora"] = {"r": 2, "layers": "last 1"}
+        data["model"]["dropout"] = 0.0
+        results.append(run(load_run_config(None, data=data), echo=lambda _: None))
+    assert any("lower-layer cache: layers 0-0" in n for n in _notes(results[0].run_dir))
+    assert torch.allclose(torch.tensor(results[0].R), torch.tensor(results[1].R), atol=1e-6)

@@ -83,17 +83,13 @@ class ClassifierModule(nn.Module):
                  example_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features. In training, a batch runs packed (`packing.py`, when the model
         passed the check). With the lower-layer cache on (`lower_cache.py`), a batch runs only
-        the layers above it: training examples are cached by task and example ids before the
-        task trains, evaluated texts by their token ids the first time they are scored."""
+        the layers above it: the states of a text, keyed by its token ids, are computed before
+        the task trains (training examples) or the first time it is scored (held-out texts).
+        `task_ids` and `example_ids` ride in the batch for strategies; not used here."""
         cache, states = self.lower_cache, None
-        embed = self.backbone.get_input_embeddings().weight
-        if cache is not None and self.training:
-            if example_ids is not None and cache.covers(task_ids, example_ids):
-                states = cache.batch(task_ids, example_ids, input_ids.shape[1], embed.dtype,
-                                     input_ids.device)
-        elif cache is not None:
-            states = cache.evaluation_states(self.backbone, input_ids, attention_mask,
-                                             embed.dtype)
+        if cache is not None and cache.active:
+            states = (cache.training_states(input_ids, attention_mask) if self.training
+                      else cache.evaluation_states(self.backbone, input_ids, attention_mask))
         layout = packed_layout(attention_mask) if self.training and self.pack else None
         return self.pooled(input_ids, attention_mask, layout, states)
 
@@ -355,9 +351,9 @@ class ClassifierFamily(ModelFamily):
         on = cache.prepare(module.backbone, stream, token_ids, self._pad,
                            train_cfg.eval_batch_size)
         if on:
-            return (f"lower-layer cache: layers 0-{cache.start - 1} computed once for "
-                    f"{len(cache.states)} examples ({cache.bytes / 2**20:.1f} MiB); each step "
-                    f"runs layers {cache.start}+")
+            return (f"lower-layer cache: layers 0-{cache.start - 1} run once per text "
+                    f"({cache.filled} computed for this task, {len(cache.states)} held, "
+                    f"{cache.bytes / 2**20:.1f} MiB); each step runs layers {cache.start}+")
         if cache.reason.startswith("the first layer trains"):
             return None  # LoRA on every layer: nothing to cache, nothing to say
         return f"lower-layer cache off: {cache.reason}"

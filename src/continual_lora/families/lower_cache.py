@@ -76,27 +76,32 @@ def layer_list(backbone: nn.Module) -> nn.ModuleList | None:
     return None
 
 
+_SHARED: dict[str, dict[tuple[int, ...], torch.Tensor]] = {}
+"""The last filled store, by the digest of the weights it came from: the runs of one bench
+(one process) share the base and the texts, so each run after the first finds their states
+computed. One entry only, so a long-lived process keeps at most one store."""
+
+
 class LowerLayerCache:
-    """Hidden states entering layer `start`, one unpadded `(length, hidden)` tensor per
-    training example, keyed by (task index, example index)."""
+    """Hidden states entering layer `start`, one unpadded `(length, hidden)` tensor per text,
+    keyed by its token ids: a training example or a held-out text, computed once."""
 
     def __init__(self, limit_bytes: int):
         self.limit_bytes = limit_bytes
         self.start = 0
         self.layers: nn.ModuleList | None = None
-        self.states: dict[tuple[int, int], torch.Tensor] = {}  # training examples
-        self.by_tokens: dict[tuple[int, ...], torch.Tensor] = {}  # evaluated texts
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
         self.as_tuple = False
         self._identity: tuple | None = None  # (id, in-place version) of each lower weight
         self._digest = ""  # their contents, checked when the identity changes
         self.active = False
         self.reason = ""  # why the last `prepare` left it off
         self.pad_batch = None  # token id lists -> (input_ids, mask), given to `prepare`
+        self.filled = 0  # texts the last `prepare` computed (the others were held already)
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for kept in (self.states, self.by_tokens) for t in kept.values())
+        return sum(t.numel() * t.element_size() for t in self.states.values())
 
     # -- deciding whether the cache may be used -------------------------------------------
 
@@ -132,14 +137,28 @@ class LowerLayerCache:
                      for p in part.parameters())
 
     def _weights_digest(self, backbone: nn.Module) -> str:
-        """sha256 of the lower part's parameters (shapes, dtypes, bytes), in module order."""
-        digest = hashlib.sha256()
+        """sha256 of the lower part's parameters (shapes, dtypes, bytes), in module order:
+        which layer the states enter is part of it (a different `start`, other parameters)."""
+        digest = hashlib.sha256(f"start={self.start}".encode())
         for part in self._lower_part(backbone, self.start):
             for p in part.parameters():
                 t = p.detach().cpu().contiguous()
                 digest.update(f"{tuple(t.shape)}:{t.dtype}".encode())
                 digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    def _check_weights(self, backbone: nn.Module) -> None:
+        """Keep the states only while the lower weights are those they came from."""
+        identity = self._weights_identity(backbone)
+        if identity == self._identity:
+            return
+        digest = self._weights_digest(backbone)  # other tensors, or changed in place
+        if digest != self._digest:  # changed (or first use): another bench run's, or none
+            self.states = _SHARED.get(digest, {})
+            _SHARED.clear()
+            _SHARED[digest] = self.states
+        # equal contents in new tensors (joint reloads the base for every task): keep all
+        self._identity, self._digest = identity, digest
 
     # -- filling ----------------------------------------------------------------------------
 
@@ -153,36 +172,26 @@ class LowerLayerCache:
         if self.reason:
             self.active = False
             return False
-        identity = self._weights_identity(backbone)
-        if identity != self._identity:  # other tensors, or changed in place: compare contents
-            digest = self._weights_digest(backbone)
-            if digest != self._digest:  # the lower weights changed (or first use): refill
-                self.states, self.by_tokens = {}, {}
-            # equal contents in new tensors (joint reloads the base for every task): keep all
-            self._identity, self._digest = identity, digest
-        wanted = sorted(set(stream.order) - set(self.states),
-                        key=lambda key: len(token_ids(*key)))
-        hidden = backbone.config.hidden_size
-        need = sum(len(token_ids(*key)) for key in wanted) * hidden * 4
+        self._check_weights(backbone)
+        wanted = {tuple(token_ids(*key)) for key in stream.order} - self.states.keys()
+        need = sum(map(len, wanted)) * backbone.config.hidden_size * 4
         if self.bytes + need > self.limit_bytes:
             self.reason = (f"the cache would need {(self.bytes + need) / 2**20:.0f} MiB, more "
                            f"than train.lower_cache_mb {self.limit_bytes / 2**20:.0f}")
             self.active = False
             return False
-        self._fill(backbone, wanted, token_ids, pad_batch, batch_size)
+        self._fill(backbone, sorted(wanted, key=len), batch_size)
+        self.filled = len(wanted)
         self.active = True
         return True
 
-    def _fill(self, backbone, keys, token_ids, pad_batch, batch_size: int) -> None:
-        if not keys:
-            return
-        ids = [token_ids(*key) for key in keys]
-        for key, states in zip(keys, self._compute(backbone, ids, pad_batch, batch_size),
-                               strict=True):
-            self.states[key] = states
+    def _fill(self, backbone, keys: list[tuple[int, ...]], batch_size: int) -> None:
+        if keys:
+            computed = self._compute(backbone, [list(k) for k in keys], batch_size)
+            self.states.update(zip(keys, computed, strict=True))
 
     @torch.no_grad()
-    def _compute(self, backbone, id_lists, pad_batch, batch_size: int) -> list[torch.Tensor]:
+    def _compute(self, backbone, id_lists, batch_size: int) -> list[torch.Tensor]:
         """The states entering layer `start` of each token id list, unpadded (float32)."""
         captured, out_states = {}, []
 
@@ -196,7 +205,7 @@ class LowerLayerCache:
         try:
             for first in range(0, len(id_lists), batch_size):
                 chunk = id_lists[first:first + batch_size]
-                input_ids, mask = pad_batch(chunk)
+                input_ids, mask = self.pad_batch(chunk)
                 try:
                     backbone(input_ids=input_ids, attention_mask=mask)
                 except _StopForward:
@@ -211,10 +220,31 @@ class LowerLayerCache:
             backbone.train(was_training)
         return out_states
 
-    # -- evaluation -------------------------------------------------------------------------
+    # -- using ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple[int, ...]]:
+        lengths = attention_mask.sum(1).tolist()
+        return [tuple(row[:n]) for row, n in zip(input_ids.tolist(), lengths, strict=True)]
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype of the layer the states enter (the model's weights)."""
+        return next(self.layers[self.start].parameters()).dtype
+
+    def training_states(self, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The cached states of a training batch, padded like it; None unless the cache is
+        on and holds every example (filled by `prepare` before the task)."""
+        if not self.active:
+            return None
+        keys = self._keys(input_ids, attention_mask)
+        if any(k not in self.states for k in keys):
+            return None
+        return _padded([self.states[k] for k in keys], input_ids.shape[1], self._dtype(),
+                       input_ids.device)
 
     def evaluation_states(self, backbone: nn.Module, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+                          attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The states entering layer `start` for an evaluation batch (padded like it), from
         the cache, computing and keeping the texts not seen yet; None when the cache does not
         apply to `backbone` now (off, another layer stack, or the lower weights changed).
@@ -225,31 +255,14 @@ class LowerLayerCache:
             return None
         if self._weights_identity(backbone) != self._identity:
             return None
-        lengths = attention_mask.sum(1).tolist()
-        keys = [tuple(row[:n]) for row, n in zip(input_ids.tolist(), lengths, strict=True)]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.by_tokens))
-        need = sum(len(k) for k in missing) * backbone.config.hidden_size * 4
+        keys = self._keys(input_ids, attention_mask)
+        missing = list(dict.fromkeys(k for k in keys if k not in self.states))
+        need = sum(map(len, missing)) * backbone.config.hidden_size * 4
         if self.bytes + need > self.limit_bytes:
             return None
-        if missing:
-            computed = self._compute(backbone, [list(k) for k in missing], self.pad_batch,
-                                     len(missing))
-            self.by_tokens.update(zip(missing, computed, strict=True))
-        return _padded([self.by_tokens[k] for k in keys], input_ids.shape[1], dtype,
+        self._fill(backbone, missing, len(missing))
+        return _padded([self.states[k] for k in keys], input_ids.shape[1], self._dtype(),
                        input_ids.device)
-
-    # -- using ------------------------------------------------------------------------------
-
-    def batch(self, task_ids: torch.Tensor, example_ids: torch.Tensor, width: int,
-              dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The cached states of a training batch, zero-padded to `width` tokens."""
-        keys = zip(task_ids.tolist(), example_ids.tolist(), strict=True)
-        return _padded([self.states[key] for key in keys], width, dtype, device)
-
-    def covers(self, task_ids: torch.Tensor, example_ids: torch.Tensor) -> bool:
-        return self.active and all(
-            key in self.states for key in zip(task_ids.tolist(), example_ids.tolist(),
-                                              strict=True))
 
     @contextmanager
     def skipping_lower_layers(self, states: torch.Tensor):
