@@ -213,6 +213,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from continual_lora.diagnose.command import DiagnoseOptions, diagnose
+    from continual_lora.diagnose.tables import terminal_text
+
+    options = DiagnoseOptions(drift=not args.no_drift, out=Path(args.out) if args.out else None,
+                              base=Path(args.base) if args.base else None,
+                              cumulative=args.cumulative, batch_size=args.batch_size)
+    outcome = diagnose([Path(p) for p in args.paths], options)
+    print(terminal_text(outcome.kind, outcome.diagnosis))
+    for path in outcome.written:
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from continual_lora.inspect_adapter import format_report, inspect_adapter
 
@@ -245,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     overrides_help = "dotted overrides, e.g. train.lr=1e-4 lora.r=4"
 
-    p = sub.add_parser("demo", help="the embedded default bench, offline (about 13 min on 2 cores)")
+    p = sub.add_parser("demo", help="the embedded default bench, offline (about 4 min on 2 cores)")
     p.add_argument("--out", help="output folder (default: runs)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo folder")
     p.add_argument("--quick", action="store_true", help="3 steps per task: checks the path only")
@@ -303,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WordNet word(s) naming a task's domain for contextual forgetting "
                    "(default: the task's class names), e.g. hoofed=ungulate")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("diagnose", help="why did it forget? how a run's adapters interfere: "
+                       "opposed parameters, subspace overlap, which layers moved, upstream "
+                       "drift (CKA); writes diagnosis.json, diagnosis.md and figures")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_ADAPTERS",
+                   help="a run folder, a bench folder (every run in it), or two or more PEFT "
+                   "adapter folders in task order")
+    p.add_argument("--out", help="folder for the diagnosis (default: the run or bench folder, "
+                   "whose report.html then gets a Diagnosis section; required for adapters)")
+    p.add_argument("--no-drift", action="store_true", help="adapter math only: skip the "
+                   "model's forward passes on the upstream probe (the CKA)")
+    p.add_argument("--base", help="local folder of the base model, for ‖ΔW‖/‖W0‖ when the "
+                   "adapters' own base name is not a local folder")
+    p.add_argument("--cumulative", action="store_true", help="adapter folders: each continued "
+                   "the previous one (τ_t = ΔW_t − ΔW_t-1), not each its own update from the base")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (CKA)")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("inspect", help="what an adapter is: format, base, rank, alpha, targets, "
                        "parameters, whether its weights match its lineage, and the lineage chain")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from continual_lora.checkpoint import write_text_atomic
+from continual_lora.diagnose import report_section as diagnosis
 from continual_lora.report import figures
 from continual_lora.report.folders import (
     RunFiles,
@@ -85,6 +86,7 @@ def _bench_page(bench: Path, options: dict) -> str:
                 + image(chart, bench, "average accuracy against forgetting and wall time; "
                         "joint training is the upper bound")
                 + _metrics_table(rows) + _extra_tables(bench) + "</section>")
+    body.append(diagnosis.bench_section(bench))  # "" until `continual-lora diagnose` ran
     unfinished = [r.folder.name for r in runs if r.metrics is None]
     if unfinished:
         body.append(f"<p class=\"meta\">not finished (no metrics.json; shown with the stages "
@@ -167,6 +169,7 @@ def _run_section(run: RunFiles, page_dir: Path, options: dict, heading: str = "h
     parts.append(image(loss, page_dir, "training loss per task (dashed: per data source)"))
     parts.append(_forgetting(run, page_dir, options))
     parts.append(_samples(run.folder, page_dir))
+    parts.append(diagnosis.run_section(run.folder, page_dir))  # "" without diagnosis.json
     parts.append(_lineage(run.folder))
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
