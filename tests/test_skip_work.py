@@ -28,6 +28,25 @@ def _notes(run_dir) -> list[str]:
             if e["event"] == "note"]
 
 
+def _assert_same_training(first, second) -> dict:
+    """Two runs of the tiny two-task config (6 steps a task) that must compute the same thing:
+    the same adapter after each task, the same 12 losses and the same scores, to float
+    rounding; and the update really moved (B starts at 0). Returns the last adapter."""
+    for stage in ("01-a", "02-b"):
+        a = load_file(str(first.run_dir / "tasks" / stage / "adapter/adapter_model.safetensors"))
+        b = load_file(str(second.run_dir / "tasks" / stage / "adapter/adapter_model.safetensors"))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+        assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
+    assert torch.allclose(torch.tensor(first.R), torch.tensor(second.R), atol=1e-6)
+    losses = [[e["loss"] for e in map(json.loads, (r.run_dir / "log.jsonl").open())
+               if e["event"] == "step"] for r in (first, second)]
+    assert len(losses[0]) == 12 and torch.allclose(torch.tensor(losses[0]),
+                                                   torch.tensor(losses[1]), atol=1e-5)
+    return a
+
+
 def test_cached_lower_layers_train_and_score_the_same(tiny_run_config, monkeypatch):
     """Training from cached lower-layer states, and scoring from the states kept for each
     evaluated text, give the adapters, losses and scores of the uncached run."""
@@ -50,20 +69,8 @@ def test_cached_lower_layers_train_and_score_the_same(tiny_run_config, monkeypat
     notes = _notes(cached.run_dir)
     assert len(notes) == 2 and "; lower-layer cache: layers 0-0 run once per text" in notes[0]
     assert not any("lower-layer cache" in note for note in _notes(plain.run_dir))
-    for stage in ("01-a", "02-b"):
-        a = load_file(str(cached.run_dir / "tasks" / stage / "adapter/adapter_model.safetensors"))
-        b = load_file(str(plain.run_dir / "tasks" / stage / "adapter/adapter_model.safetensors"))
-        assert a.keys() == b.keys() and a
-        assert all(".layer.1." in k for k in a)  # lora.layers: last 1 of 2
-        for key in a:
-            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
-        # the update really moved: B starts at 0
-        assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
-    assert torch.allclose(torch.tensor(cached.R), torch.tensor(plain.R), atol=1e-6)
-    losses = [[e["loss"] for e in map(json.loads, (r.run_dir / "log.jsonl").open())
-               if e["event"] == "step"] for r in (cached, plain)]
-    assert len(losses[0]) == 12 and torch.allclose(torch.tensor(losses[0]),
-                                                   torch.tensor(losses[1]), atol=1e-5)
+    adapters = _assert_same_training(cached, plain)
+    assert all(".layer.1." in k for k in adapters)  # lora.layers: last 1 of 2
 
 
 def test_the_cache_stays_off_when_the_lower_layers_use_dropout(tiny_run_config):
@@ -213,18 +220,7 @@ def test_packed_batches_train_the_same_adapter(tiny_run_config, monkeypatch):
     notes = _notes(packed.run_dir)
     assert len(notes) == 2 and all(n.startswith("packed batches: ") for n in notes)
     assert _notes(padded.run_dir) == []
-    for stage in ("01-a", "02-b"):
-        a = load_file(str(packed.run_dir / "tasks" / stage / "adapter/adapter_model.safetensors"))
-        b = load_file(str(padded.run_dir / "tasks" / stage / "adapter/adapter_model.safetensors"))
-        assert a.keys() == b.keys() and a
-        for key in a:
-            assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
-        assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
-    assert torch.allclose(torch.tensor(packed.R), torch.tensor(padded.R), atol=1e-6)
-    losses = [[e["loss"] for e in map(json.loads, (r.run_dir / "log.jsonl").open())
-               if e["event"] == "step"] for r in (packed, padded)]
-    assert len(losses[0]) == 12 and torch.allclose(torch.tensor(losses[0]),
-                                                   torch.tensor(losses[1]), atol=1e-5)
+    _assert_same_training(packed, padded)
 
 
 def _tiny_encoder(kind: str):
