@@ -239,6 +239,8 @@ def _tiny_encoder(kind: str):
         "mpnet": lambda: tf.MPNetModel(tf.MPNetConfig(vocab_size=vocab, hidden_size=32, **small)),
         "roberta": lambda: tf.RobertaModel(tf.RobertaConfig(vocab_size=vocab, hidden_size=32,
                                                             pad_token_id=0, **small)),
+        "electra": lambda: tf.ElectraModel(tf.ElectraConfig(vocab_size=vocab, hidden_size=32,
+                                                            embedding_size=32, **small)),
         # a convolution over neighbouring tokens, which packing would make cross sequences
         "convbert": lambda: tf.ConvBertModel(tf.ConvBertConfig(
             vocab_size=vocab, hidden_size=32, embedding_size=32, **small)),
@@ -252,7 +254,8 @@ def _tiny_encoder(kind: str):
 
 
 @pytest.mark.parametrize("kind, refused", [
-    ("bert", ""), ("albert", ""), ("distilbert", ""), ("mpnet", ""), ("roberta", ""),
+    ("bert", ""), ("albert", ""), ("distilbert", ""), ("electra", ""), ("mpnet", ""),
+    ("roberta", ""),
     ("convbert", "does not honour position_ids"), ("deberta", "does not take packed rows")])
 def test_the_packing_check_tells_real_architectures_apart(kind, refused):
     """The check runs each model itself, with each first position id the family tries:
