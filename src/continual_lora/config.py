@@ -190,8 +190,8 @@ class TrainConfig(Strict):
     forward does not support it trains padded, and the run's log says why."""
     cache_lower_layers: bool = True
     """When LoRA adapts only the upper layers (`lora.layers`) and the layers below are frozen
-    and deterministic (no dropout), compute their outputs once per training example and train
-    only the layers above; the result is that of the uncached run (to float rounding)."""
+    and deterministic (no dropout), compute their outputs once per text (trained on or scored)
+    and run only the layers above; the result is that of the uncached run (to float rounding)."""
     lower_cache_mb: int = Field(2048, ge=0)
     """Memory limit of that cache (MiB, float32 hidden states); beyond it training runs
     uncached."""

@@ -1,7 +1,8 @@
 """Skip work that does not change: when LoRA adapts only the upper layers of a text encoder
 (`lora.layers: last 2`) and everything below is frozen and deterministic, the hidden state that
-enters the first adapted layer is a fixed function of the example. It is computed once per
-training example (no grad, length-sorted batches) and kept; each training step then runs the
+enters the first adapted layer is a fixed function of the text. It is computed once per text,
+keyed by its token ids (training examples before their task, held-out texts when first scored;
+no grad, length-sorted batches) and kept; each training step and scoring pass then runs the
 embeddings (cheap) and only the layers from there up.
 
 Exactness: pad positions never reach a real token (the attention mask hides them as keys, and
