@@ -129,3 +129,78 @@ def tiny_llama(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# -- tiny image classifiers (a ViT, a ResNet whose LoRA targets are convolutions) ------------
+
+
+def save_tiny_image_model(folder, arch: str, labels: tuple[str, ...]):
+    """A tiny image classifier built from config, saved like a hub checkpoint (config,
+    safetensors, image processor), RGB 32×32."""
+    from transformers import (
+        AutoModelForImageClassification,
+        ResNetConfig,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+
+    id2label = dict(enumerate(labels))
+    if arch == "vit":
+        config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, id2label=id2label,
+                           label2id={v: k for k, v in id2label.items()})
+    else:
+        config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                              layer_type="basic", id2label=id2label,
+                              label2id={v: k for k, v in id2label.items()})
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_config(config)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return model.eval()
+
+
+def write_class_folder(folder, classes, per_class: int, offset: int = 0):
+    """Real embedded images (white on black silhouettes), one PNG per image, a subfolder per
+    class."""
+    import numpy as np
+    from PIL import Image
+
+    from continual_lora.data.images import load_embedded_images
+
+    images = load_embedded_images("animal-mnist").subset(list(classes))
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        members = np.flatnonzero(images.labels == c)[offset:offset + per_class]
+        for i in members:
+            Image.fromarray(images.images[i]).save(folder / name / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_tasks(tmp_path_factory) -> tuple[Path, Path]:
+    """(a tiny ResNet saved like a hub checkpoint, a folder of two image tasks `a` and `b` with
+    train/eval class folders of real silhouettes). Its default LoRA targets are convolutions, so
+    the factors are PEFT's Conv2d ones (A [r, in, k, k], B [out, r, 1, 1])."""
+    model = tmp_path_factory.mktemp("tiny-resnet")
+    save_tiny_image_model(model, "resnet", ("bear", "sheep"))
+    data = tmp_path_factory.mktemp("image-tasks")
+    for split, per_class, offset in (("train", 12, 0), ("eval", 6, 100)):
+        write_class_folder(data / "a" / split, ("cow", "horse"), per_class, offset)
+        write_class_folder(data / "b" / split, ("giraffe", "zebra"), per_class, offset)
+    return model, data
+
+
+@pytest.fixture
+def tiny_resnet_run_config(tiny_run_config, tiny_resnet_tasks):
+    """`tiny_run_config` on the tiny ResNet and its two image tasks (same names, steps, seed)."""
+    model, data = tiny_resnet_tasks
+
+    def make(strategy: str = "naive", **extra) -> dict:
+        cfg = tiny_run_config(strategy, **extra)
+        cfg["model"] = {"name_or_path": str(model)}
+        cfg["tasks"] = [{"name": n, "train": str(data / n / "train"), "eval": str(data / n / "eval")}
+                        for n in ("a", "b")]
+        return cfg
+
+    return make

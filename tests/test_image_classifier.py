@@ -13,46 +13,10 @@ from PIL import Image
 
 from continual_lora.config import ConfigError, load_run_config
 from continual_lora.data.images import load_embedded_images
+from conftest import save_tiny_image_model as _save_model
+from conftest import write_class_folder as _write_class_folder
 
 ANIMALS = ("bear", "sheep", "cow", "horse")
-
-
-def _save_model(folder, arch: str, labels: tuple[str, ...]):
-    """A tiny image classifier built from config, saved like a hub checkpoint (config,
-    safetensors, image processor), RGB 32×32."""
-    from transformers import (
-        AutoModelForImageClassification,
-        ResNetConfig,
-        ViTConfig,
-        ViTImageProcessor,
-    )
-
-    id2label = dict(enumerate(labels))
-    if arch == "vit":
-        config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=64, id2label=id2label,
-                           label2id={v: k for k, v in id2label.items()})
-    else:
-        config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
-                              layer_type="basic", id2label=id2label,
-                              label2id={v: k for k, v in id2label.items()})
-    torch.manual_seed(0)
-    model = AutoModelForImageClassification.from_config(config)
-    model.save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return model.eval()
-
-
-def _write_class_folder(folder, classes, per_class: int, offset: int = 0):
-    """Real embedded images (white on black silhouettes), one PNG per image, a subfolder per
-    class."""
-    images = load_embedded_images("animal-mnist").subset(list(classes))
-    for c, name in enumerate(classes):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        members = np.flatnonzero(images.labels == c)[offset:offset + per_class]
-        for i in members:
-            Image.fromarray(images.images[i]).save(folder / name / f"{i}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")

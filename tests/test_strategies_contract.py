@@ -60,11 +60,36 @@ def recorded(monkeypatch):
     return spy_hooks, calls, changes
 
 
+# Every strategy on three bases: the tiny BERT (Linear LoRA), the same BERT stored in bfloat16
+# (merges must add in float32; losses must stay finite), and a tiny ResNet whose LoRA targets
+# are convolutions (PEFT's Conv2d factors: every strategy that reads ΔW must handle them).
+BASES = ["bert", "bert-bf16", "resnet-conv"]
+# Refused on a base by design, with the message that says so (checked below).
+REFUSED = {("moe", "resnet-conv"): "image model"}
+
+
+def _contract_config(base, name, tiny_run_config, tiny_resnet_run_config) -> dict:
+    if base == "resnet-conv":
+        return tiny_resnet_run_config(name)
+    cfg = tiny_run_config(name)
+    if base == "bert-bf16":
+        cfg["model"]["dtype"] = "bfloat16"
+    return cfg
+
+
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("name", strategy_names())
-def test_strategy_contract(name, tiny_run_config, recorded):
+def test_strategy_contract(name, base, tiny_run_config, tiny_resnet_run_config, recorded):
     spy_hooks, calls, changes = recorded
     spy_hooks(get_strategy(name))
-    cfg = load_run_config(None, data=tiny_run_config(name))
+    cfg = load_run_config(None, data=_contract_config(base, name, tiny_run_config,
+                                                      tiny_resnet_run_config))
+    if (name, base) in REFUSED:
+        from continual_lora.config import ConfigError
+
+        with pytest.raises(ConfigError, match=REFUSED[name, base]):
+            run(cfg, echo=lambda _: None)
+        return
     result = run(cfg, echo=lambda _: None)
 
     # Hooks in order, per task; extra_loss once per step.

@@ -47,7 +47,7 @@ class AdapterFiles:
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of each module's update."""
-        return {k: (f.B.shape[0], f.A.shape[1]) for k, f in self.factors.items()}
+        return {k: (f.d_out, f.d_in) for k, f in self.factors.items()}
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -183,18 +183,21 @@ def weighted_concatenation(adapters: Sequence[dict[str, LoraFactors]],
 def cap_rank(rank: int, adapters: Sequence[dict[str, LoraFactors]]) -> int:
     """`rank` capped at the largest min(d_out, d_in) of the modules: beyond it the SVD is exact
     and extra rank would only be zeros."""
-    dims = [min(f.B.shape[0], f.A.shape[1]) for a in adapters for f in a.values()]
+    dims = [min(f.d_out, f.d_in) for a in adapters for f in a.values()]
     return min(rank, max(dims))
 
 
-def svd_factors(dense: Iterable[tuple[str, torch.Tensor]], rank: int
+def svd_factors(dense: Iterable[tuple[str, torch.Tensor]], rank: int,
+                like: dict[str, LoraFactors] | None = None
                 ) -> tuple[dict[str, LoraFactors], dict[str, float]]:
-    """Each module's update as rank-`rank` factors by truncated SVD, consumed one module at a
-    time, and each relative error ‖ΔW − BA‖_F / ‖ΔW‖_F."""
+    """Each module's update (a `[d_out, d_in]` matrix) as rank-`rank` factors by truncated SVD,
+    consumed one module at a time, and each relative error ‖ΔW − BA‖_F / ‖ΔW‖_F. A module in
+    `like` gets its factors in that module's layout (a convolution's kernel in A)."""
     factors, errors = {}, {}
+    like = like or {}
     for key, delta in dense:
         A, B, errors[key] = truncated_svd_factors(delta, rank)
-        factors[key] = LoraFactors(A=A, B=B, scaling=1.0)
+        factors[key] = like[key].like(A, B) if key in like else LoraFactors(A=A, B=B, scaling=1.0)
     return factors, errors
 
 

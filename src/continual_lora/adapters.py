@@ -237,14 +237,100 @@ def check_complete_load(model: PeftModel, path: Path, keys: set[str] | None,
 
 @dataclass
 class LoraFactors:
-    """One adapted module's factors: ΔW = scaling · B @ A."""
+    """One adapted module's factors: ΔW = scaling · B @ A, in PEFT's shapes.
+
+    For a Linear layer A is `[r, d_in]` and B `[d_out, r]`. For a convolution PEFT keeps the
+    kernel in A (`[r, in, k, k]` for Conv2d) and a 1×1 kernel in B (`[out, r, 1, 1]`); the update
+    is then the matrix product of the flattened factors, `[out, r] @ [r, in·k·k]`, reshaped to the
+    weight's `[out, in, k, k]` (what PEFT's `get_delta_weight` computes, as a convolution of the
+    factors). Everything that works on dense updates (merges, SVD exports, subspaces) works on
+    the flattened matrices, and reshapes only where a weight or a factor file is written.
+    """
 
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
 
+    @property
+    def a_matrix(self) -> torch.Tensor:
+        """A as a matrix `[r, d_in]` (a convolution's kernel flattened into d_in)."""
+        return self.A.flatten(1)
+
+    @property
+    def b_matrix(self) -> torch.Tensor:
+        """B as a matrix `[d_out, r]` (a convolution's 1×1 kernel dropped)."""
+        return self.B.flatten(1)
+
+    @property
+    def d_in(self) -> int:
+        return self.A[0].numel()
+
+    @property
+    def d_out(self) -> int:
+        return self.B.shape[0]
+
     def delta(self) -> torch.Tensor:
-        return self.scaling * (self.B.float() @ self.A.float())
+        """ΔW as a float32 matrix `[d_out, d_in]` (flattened for a convolution)."""
+        return self.scaling * (self.b_matrix.float() @ self.a_matrix.float())
+
+    def like(self, A: torch.Tensor, B: torch.Tensor, scaling: float = 1.0) -> LoraFactors:
+        """Matrix factors `A [r', d_in]`, `B [d_out, r']` (an SVD export, a sum) in this
+        module's layout: a convolution gets its kernel back in A and a 1×1 kernel in B."""
+        rank = A.shape[0]
+        return LoraFactors(A=A.reshape(rank, *self.A.shape[1:]),
+                           B=B.reshape(self.B.shape[0], rank, *self.B.shape[2:]),
+                           scaling=scaling)
+
+
+def delta_as_weight(delta: torch.Tensor, weight: torch.Tensor,
+                    fan_in_fan_out: bool = False) -> torch.Tensor:
+    """A dense update matrix `[d_out, d_in]` in the layout of `weight`: transposed for a weight
+    stored `[in, out]` (GPT-2's Conv1D), reshaped to a convolution's kernel."""
+    delta = delta.T if fan_in_fan_out else delta
+    return delta.reshape(weight.shape)
+
+
+def lora_layers(model: PeftModel, adapter: str | None = None) -> list[tuple[str, nn.Module]]:
+    """(module path inside the base model, layer) of every LoRA-wrapped layer (that holds
+    `adapter`, when given)."""
+    prefix = "base_model.model."
+    return [(name.removeprefix(prefix), m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+            and (adapter is None or adapter in m.lora_A)]
+
+
+@torch.no_grad()
+def merge_in_float32(model: PeftModel, masters: dict[str, torch.Tensor]) -> nn.Module:
+    """The base with the active adapters merged in and the LoRA layers removed:
+    `W0 ← W0 + Σ ΔW`, added in float32 whatever the weights' dtype (ALGORITHMS.md).
+
+    PEFT's `merge_and_unload` adds ΔW in the weight's own dtype: on a bf16 base most entries of
+    a small update round away, and the loss compounds merge after merge. Here a weight stored
+    in float32 is updated in place (the same sum PEFT computes); a weight stored in a lower
+    precision gets a float32 master in `masters` (kept by the caller across merges, only for
+    adapted modules), the update is added to the master and the weight is written as the master
+    rounded once. After several merges the weight is `round(W0 + ΔW_1 + … + ΔW_t)`, not a chain
+    of roundings.
+    """
+    for key, layer in lora_layers(model):
+        weight = layer.get_base_layer().weight
+        fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+        for adapter in layer.active_adapters:
+            if adapter not in layer.lora_A:
+                continue
+            factors = LoraFactors(layer.lora_A[adapter].weight.detach(),
+                                  layer.lora_B[adapter].weight.detach(),
+                                  float(layer.scaling[adapter]))
+            delta = delta_as_weight(factors.delta().to(weight.device), weight, fan_in_fan_out)
+            if weight.dtype == torch.float32:
+                weight.add_(delta)
+                continue
+            master = masters.get(key)
+            if master is None:
+                master = masters[key] = weight.detach().float().clone()
+            master.add_(delta)
+            weight.copy_(master.to(weight.dtype))
+    return model.unload()
 
 
 def lora_factors(model: PeftModel, adapter: str = "default") -> dict[str, LoraFactors]:
@@ -297,8 +383,9 @@ def save_factors_as_adapter(factors: dict[str, LoraFactors], fresh_backbone: nn.
         for name, module in model.named_modules():
             key = name[len("base_model.model."):]
             if key in factors and hasattr(module, "lora_A"):
-                module.lora_A["default"].weight.copy_(factors[key].A)
-                module.lora_B["default"].weight.copy_(factors[key].B)
+                a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+                a.copy_(factors[key].A.reshape(a.shape))
+                b.copy_(factors[key].B.reshape(b.shape))
     model.save_pretrained(str(out_dir))
 
 

@@ -56,6 +56,9 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def finish_pooled(pooled: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Pooled features in float32 whatever the base's dtype: the heads are float32 parameters
+    (as LoRA's are), and a bf16 feature would round their logits and gradients."""
+    pooled = pooled.float()
     return F.normalize(pooled, dim=-1) if cfg.normalize else pooled
 
 

@@ -49,6 +49,8 @@ from continual_lora.adapters import (
     attach_lora,
     concatenate_factors,
     load_adapter,
+    lora_factors,
+    merge_in_float32,
     save_factors_as_adapter,
 )
 from continual_lora.config import RunConfig
@@ -182,15 +184,15 @@ def fresh_adapter(ctx: TaskContext, backbone: torch.nn.Module,
     return attach_lora(backbone, ctx.lora_config, seed=ctx.seed)
 
 
-def merge_into_base(ctx: TaskContext, history: list) -> None:
-    """Merge the attached adapter into the base weights (PEFT's merge) after recording its
-    factors in `history`, so `export_concatenated` can write Σ ΔW later."""
-    from continual_lora.adapters import lora_factors
-
+def merge_into_base(ctx: TaskContext, history: list, masters: dict[str, torch.Tensor]) -> None:
+    """Merge the attached adapter into the base weights after recording its factors in
+    `history`, so `export_concatenated` can write Σ ΔW later. The sum is taken in float32
+    whatever the base's dtype (`adapters.merge_in_float32`; `masters` holds the float32 copies of
+    a low-precision base's adapted weights, kept by the strategy from one merge to the next)."""
     peft_model = ctx.family.backbone
     check_adapter_tensors(peft_model)
     history.append(lora_factors(peft_model))
-    ctx.family.set_backbone(peft_model.merge_and_unload())
+    ctx.family.set_backbone(merge_in_float32(peft_model, masters))
 
 
 def export_concatenated(ctx: TaskContext, history: list, out_dir: Path) -> dict:

@@ -6,6 +6,7 @@ import torch
 from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field
 
+from continual_lora.adapters import merge_in_float32
 from continual_lora.registry import register_strategy
 from continual_lora.sequence import Source
 from continual_lora.strategies.base import AdapterError, Strategy, TaskContext, new_data
@@ -41,7 +42,7 @@ class FullFtStrategy(Strategy):
     def before_task(self, ctx: TaskContext) -> None:
         backbone = ctx.family.backbone
         if isinstance(backbone, PeftModel):
-            backbone = backbone.merge_and_unload()
+            backbone = merge_in_float32(backbone, {})
         backbone.requires_grad_(True)
         ctx.family.set_backbone(backbone)
 

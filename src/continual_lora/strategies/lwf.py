@@ -216,6 +216,7 @@ class LwfStrategy(Strategy):
         self.denoised: DenoiserCache | None = None  # diffusion: the teacher's predictions
         self._family = None
         self.history: list[dict[str, LoraFactors]] = []  # with `merge`: each task's ΔW
+        self.masters: dict = {}  # with `merge`: float32 copies of a low-precision base's weights
 
     def before_task(self, ctx: TaskContext) -> None:
         ensure_adapter(ctx)
@@ -259,7 +260,7 @@ class LwfStrategy(Strategy):
         # The next task's teacher is the model as it now stands: drop this one's outputs.
         self.old_outputs, self.teacher, self.tokens, self.denoised = [], [], None, None
         if self.options.merge:
-            merge_into_base(ctx, self.history)
+            merge_into_base(ctx, self.history, self.masters)
 
     def export_adapter(self, ctx: TaskContext, out_dir) -> dict:
         if not self.options.merge:

@@ -20,7 +20,7 @@ from continual_lora.adapter_files import (
     weighted_concatenation,
     write_adapter,
 )
-from continual_lora.adapters import LoraFactors, attach_lora, lora_factors
+from continual_lora.adapters import LoraFactors, attach_lora, delta_as_weight, lora_factors
 from continual_lora.config import ConfigError
 from continual_lora.registry import register_strategy
 from continual_lora.strategies.base import (
@@ -144,7 +144,8 @@ class MergeStrategy(Strategy):
             factors = weighted_concatenation(self.adapters, weights)
             return factors, dict.fromkeys(factors, 0.0)
         rank = self.options.export_rank or sum(adapter_rank(a) for a in self.adapters)
-        return svd_factors(self.merged.items(), cap_rank(rank, self.adapters))
+        return svd_factors(self.merged.items(), cap_rank(rank, self.adapters),
+                           like={k: f for a in self.adapters for k, f in a.items()})
 
     def stage_report(self, ctx: TaskContext) -> dict | None:
         """The export's reconstruction error, shown on the runner's line for the stage."""
@@ -210,14 +211,15 @@ def snapshot_weights(model: nn.Module, store: dict[str, torch.Tensor], keys) -> 
 @torch.no_grad()
 def set_weights(model: nn.Module, base: dict[str, torch.Tensor], dense: dict[str, torch.Tensor],
                 transposed: dict[str, bool]) -> None:
-    """W ← W0 + ΔW for every stored module (ΔW = 0 where `dense` has none), added in float32
-    and cast to the weight's dtype once."""
+    """W ← W0 + ΔW for every stored module (ΔW = 0 where `dense` has none; a `[d_out, d_in]`
+    matrix, reshaped to a convolution's kernel), added in float32 and cast to the weight's
+    dtype once."""
     for key, w0 in base.items():
         weight = _weight(model, key)
         delta = dense.get(key)
         if delta is None:
             weight.copy_(w0)
             continue
-        delta = delta.T if transposed.get(key) else delta
-        weight.copy_((w0.float() + delta.to(w0.device)).to(weight.dtype))
+        delta = delta_as_weight(delta.to(w0.device), w0, transposed.get(key, False))
+        weight.copy_((w0.float() + delta).to(weight.dtype))
 

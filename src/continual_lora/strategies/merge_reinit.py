@@ -14,7 +14,7 @@ from continual_lora.strategies.base import (
 
 @register_strategy
 class MergeReinitStrategy(Strategy):
-    """After task t: W0 ← W0 + ΔW_t (PEFT's merge, in the weights' float32), then a new adapter
+    """After task t: W0 ← W0 + ΔW_t (added in float32 whatever the base's dtype), then a new adapter
     with the standard init (A random, B = 0). Heads are kept per task.
 
     The exported adapter of task t is the exact sum Σ_{s≤t} ΔW_s as one PEFT adapter of rank
@@ -29,9 +29,10 @@ class MergeReinitStrategy(Strategy):
     def __init__(self, options=None):
         super().__init__(options)
         self.history: list[dict[str, LoraFactors]] = []
+        self.masters: dict = {}  # float32 copies of a low-precision base's merged weights
 
     def after_task(self, ctx: TaskContext) -> None:
-        merge_into_base(ctx, self.history)
+        merge_into_base(ctx, self.history, self.masters)
 
     def export_adapter(self, ctx: TaskContext, out_dir: Path) -> dict:
         return {**export_concatenated(ctx, self.history, out_dir),

@@ -61,6 +61,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
+from continual_lora.adapters import merge_in_float32
 from continual_lora.config import ConfigError
 from continual_lora.registry import register_strategy
 from continual_lora.sequence import TaskData, reservoir_sample
@@ -263,7 +264,7 @@ class SavedMixture:
         self.family, self.adapters = family, list(meta["adapters"])
         backbone = family.backbone
         if meta.get("parent_adapter_merged_into_base") and init_adapter is not None:
-            backbone = PeftModel.from_pretrained(backbone, str(init_adapter)).merge_and_unload()
+            backbone = merge_in_float32(PeftModel.from_pretrained(backbone, str(init_adapter)), {})
         peft = PeftModel.from_pretrained(backbone, str(adapter_dir / self.adapters[0]),
                                          adapter_name=self.adapters[0])
         for name in self.adapters[1:]:
@@ -339,7 +340,7 @@ class MoeStrategy(Strategy):
                               "image model yet: use merge (adapter merging) or lwf")
         backbone = ctx.family.backbone
         if ctx.t == 1 and isinstance(backbone, PeftModel):
-            backbone = backbone.merge_and_unload()  # the user's adapter becomes the base
+            backbone = merge_in_float32(backbone, {})  # the user's adapter becomes the base
             self.parent_merged = True
         name = f"task{ctx.t}"
         config = copy.deepcopy(ctx.lora_config)  # PEFT keeps and edits one config per adapter

@@ -31,6 +31,7 @@ from torch import nn
 from continual_lora.adapters import (
     LoraFactors,
     lora_factors,
+    merge_in_float32,
 )
 from continual_lora.config import ConfigError
 from continual_lora.registry import register_strategy
@@ -57,7 +58,7 @@ class OloraOptions(BaseModel):
     Frobenius norm (the paper)."""
     frozen_adapters: Literal["merged", "active"] = "merged"
     """How the earlier adapters enter the model. `merged` (default): after each task its
-    ΔW = s·B·A is merged into the base weights (PEFT's `merge_and_unload`, in the base's float32)
+    ΔW = s·B·A is merged into the base weights (added in float32 whatever the base's dtype)
     and the next task trains one fresh PEFT adapter, so a step costs what naive's does (a
     prototype measured 1.007× naive at 8 earlier adapters); the base then differs from the
     original by the float32 rounding of the merge. `active`: every earlier adapter stays a
@@ -76,7 +77,7 @@ class PenaltyGroup:
 
     keys: list[str]
     old: torch.Tensor  # [L, k, d_in]: the earlier A's of each module, stacked, frozen
-    new: list[torch.Tensor]  # L tensors [r, d_in]: the new A of each module (trainable)
+    new: list[torch.Tensor]  # L tensors [r, d_in] (or conv [r, in, k, k]): each new A (trainable)
 
 
 def build_penalty_groups(old: dict[str, list[torch.Tensor]],
@@ -88,8 +89,9 @@ def build_penalty_groups(old: dict[str, list[torch.Tensor]],
     for key in sorted(new):
         if not old.get(key):
             continue
-        stacked_old[key] = torch.cat([a.detach() for a in old[key]], dim=0)
-        grouped[(tuple(new[key].shape), stacked_old[key].shape[0])].append(key)
+        # A convolution's A [r, in, k, k] enters as the matrix [r, in·k·k] (LoraFactors).
+        stacked_old[key] = torch.cat([a.detach().flatten(1) for a in old[key]], dim=0)
+        grouped[(tuple(new[key].flatten(1).shape), stacked_old[key].shape[0])].append(key)
     return [PenaltyGroup(keys, torch.stack([stacked_old[k] for k in keys]),
                          [new[k] for k in keys])
             for keys in grouped.values()]
@@ -108,7 +110,8 @@ def batched_penalty(old: torch.Tensor, new: torch.Tensor, norm: str) -> torch.Te
 
 def orthogonality_penalty(groups: list[PenaltyGroup], norm: str) -> torch.Tensor | None:
     """Σ_layers Σ_{s<t} ‖A_s A_tᵀ‖ over all groups; None when there is nothing to compare."""
-    terms = [batched_penalty(g.old, torch.stack(g.new), norm) for g in groups]
+    terms = [batched_penalty(g.old, torch.stack([a.flatten(1) for a in g.new]), norm)
+             for g in groups]
     return torch.stack(terms).sum() if terms else None
 
 
@@ -171,6 +174,7 @@ class OloraStrategy(Strategy):
         self.adapters: list[str] = []
         # Factors of each finished adapter (float32 copies, frozen), in task order.
         self.finished: list[dict[str, LoraFactors]] = []
+        self.masters: dict = {}  # `merged`: float32 copies of a low-precision base's weights
         self.lambda1_now = 0.0
         self.groups: list[PenaltyGroup] = []
         self.l2_groups: list[list[torch.Tensor]] = []
@@ -252,8 +256,8 @@ class OloraStrategy(Strategy):
         peft = ctx.family.backbone
         check_adapter_tensors(peft)
         self.finished.append(lora_factors(peft, self.adapters[-1]))
-        if self.merged:  # W0 ← W0 + ΔW_t; the next task attaches one fresh adapter
-            ctx.family.set_backbone(peft.merge_and_unload())
+        if self.merged:  # W0 ← W0 + ΔW_t in float32; the next task attaches one fresh adapter
+            ctx.family.set_backbone(merge_in_float32(peft, self.masters))
 
     def export_adapter(self, ctx: TaskContext, out_dir: Path) -> dict:
         history = list(self.finished)
