@@ -126,6 +126,81 @@ def test_forgetting_uses_max_over_intermediate_stages():
     assert m.backward_transfer(R_C) == pytest.approx(0.05)
 
 
+# ---------------------------------------------------------------------------------------------
+# Matrix D: 4 tasks where each old task scored HIGHER before it was trained (rows < i, the base
+# row 0 included) than at any stage after its own training. So a forgetting whose max starts at
+# row 0, row 1 or row i-1 instead of row i, or that also takes the final row T, gives another
+# value; and BWT/FWT/plasticity/AIA read a cell next to one they might read by an off-by-one.
+#             task1 task2 task3 task4
+R_D = np.array(
+    [
+        [0.95, 0.90, 0.85, 0.10],  # row 0: before training (the base already does well)
+        [0.50, 0.80, 0.20, 0.20],  # row 1: after task 1
+        [0.60, 0.60, 0.70, 0.30],  # row 2: after task 2
+        [0.45, 0.30, 0.50, 0.40],  # row 3: after task 3
+        [0.30, 0.20, 0.55, 0.90],  # row 4: after task 4 (final)
+    ]
+)
+# F    task1: max(rows 1..3) = max(0.50, 0.60, 0.45) = 0.60, final 0.30 -> 0.30
+#      task2: max(rows 2..3) = max(0.60, 0.30)       = 0.60, final 0.20 -> 0.40
+#      task3: max(row 3)     = 0.50,                         final 0.55 -> -0.05
+#      F = (0.30 + 0.40 - 0.05) / 3 = 0.65 / 3
+#   wrong variants, each a different value:
+#      max from row 0   : (0.95-0.30) + (0.90-0.20) + (0.85-0.55) = 1.65 -> 1.65 / 3
+#      max from row 1   : 0.30 + (0.80-0.20) + (0.70-0.55)        = 1.05 -> 1.05 / 3
+#      max from row i-1 : 0.65 + 0.60 + 0.15                      = 1.40 -> 1.40 / 3
+#      max up to row T  : 0.30 + 0.40 + (0.55-0.55)               = 0.70 -> 0.70 / 3
+#      R[i,i] not max   : 0.20 + 0.40 - 0.05                      = 0.55 -> 0.55 / 3
+# BWT  (0.30-0.50) + (0.20-0.60) + (0.55-0.50) = -0.55 -> -0.55 / 3
+#      (R[i-1, i] in place of R[i, i] would give (-0.65 - 0.60 - 0.15) / 3 = -1.40 / 3)
+# FWT  task2: R[1,t2] - R[0,t2] = 0.80 - 0.90 = -0.10
+#      task3: R[2,t3] - R[0,t3] = 0.70 - 0.85 = -0.15
+#      task4: R[3,t4] - R[0,t4] = 0.40 - 0.10 =  0.30 ; FWT = 0.05 / 3
+#      (R[i, i] in place of R[i-1, i] would give (-0.30 - 0.35 + 0.80) / 3 = 0.15 / 3)
+# P    (R[1,t1] + R[2,t2] + R[3,t3] + R[4,t4]) / 4 = (0.50 + 0.60 + 0.50 + 0.90) / 4 = 2.5 / 4
+#      (the array's main diagonal R[i-1, i] would give 2.85 / 4)
+# AIA  t=1: 0.50 ; t=2: (0.60 + 0.60) / 2 = 0.60 ; t=3: (0.45 + 0.30 + 0.50) / 3 = 1.25 / 3
+#      t=4: (0.30 + 0.20 + 0.55 + 0.90) / 4 = 1.95 / 4
+#      AIA = (0.50 + 0.60 + 1.25 / 3 + 1.95 / 4) / 4
+# ACC  1.95 / 4 (row 3 would give 1.65 / 4)
+EXPECTED_D = {
+    "acc": 1.95 / 4,
+    "avg_incremental_acc": (0.50 + 0.60 + 1.25 / 3 + 1.95 / 4) / 4,
+    "forgetting": 0.65 / 3,
+    "bwt": -0.55 / 3,
+    "fwt": 0.05 / 3,
+    "plasticity": 2.5 / 4,
+}
+FUNC_NAMES = {
+    "acc": "average_accuracy",
+    "avg_incremental_acc": "average_incremental_accuracy",
+    "forgetting": "forgetting",
+    "bwt": "backward_transfer",
+    "fwt": "forward_transfer",
+    "plasticity": "plasticity",
+}
+
+
+@pytest.mark.parametrize("key", list(FUNC_NAMES))
+def test_scores_before_training_do_not_count(key):
+    """Matrix D: a score from before a task was trained (above its later maximum) must not
+    enter forgetting; the other metrics read exactly the cells their formulas name. The
+    function is looked up on the module at call time, so a patched copy is what runs."""
+    value = getattr(m, FUNC_NAMES[key])(R_D)
+    assert isinstance(value, float)
+    assert value == pytest.approx(EXPECTED_D[key], abs=1e-12)
+    assert m.summarize(R_D)[key] == pytest.approx(EXPECTED_D[key], abs=1e-12)
+
+
+def test_forgetting_max_starts_at_the_tasks_own_stage():
+    # The pre-training scores R_D[0:i, i-1] are above the post-training maximum for tasks 1-3.
+    for i in (1, 2, 3):
+        assert R_D[:i, i - 1].max() > R_D[i:4, i - 1].max()
+    assert m.forgetting(R_D) == pytest.approx(0.65 / 3, abs=1e-12)
+    for wrong in (1.65 / 3, 1.05 / 3, 1.40 / 3, 0.70 / 3, 0.55 / 3):
+        assert abs(m.forgetting(R_D) - wrong) > 1e-3
+
+
 def test_accepts_nested_lists():
     assert m.forgetting(R_A.tolist()) == pytest.approx(0.3)
 

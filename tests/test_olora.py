@@ -89,6 +89,93 @@ def test_batched_penalty_equals_naive_loop():
         torch.testing.assert_close(orthogonality_penalty(groups, norm), naive)
 
 
+def _three_task_groups():
+    """Task 3's new A against the kept A's of tasks 1 and 2 (d_in = 3, ranks 1, 1, then 2 or 1).
+
+    layer l1: A_1 = [1 2 0], A_2 = [0 0 1], A_3 = [[1 1 0], [3 -1 0]]
+        A_1 A_3ᵀ = [3, 1] (not orthogonal to task 1), A_2 A_3ᵀ = [0, 0] (orthogonal to task 2)
+    layer l2: A_1 = [1 0 0], A_2 = [0 1 1], A_3 = [[0 2 -1]]
+        A_1 A_3ᵀ = [0] (orthogonal to task 1), A_2 A_3ᵀ = [1] (not orthogonal to task 2)
+    Against all earlier A's: L1 (3 + 1 + 0 + 0) + (0 + 1) = 5, squared (9 + 1) + 1 = 11.
+    Against only the last (A_2): L1 1, squared 1; against only the first (A_1): L1 4, squared 10.
+    """
+    old = {"l1": [T([[1.0, 2, 0]]), T([[0.0, 0, 1]])],
+           "l2": [T([[1.0, 0, 0]]), T([[0.0, 1, 1]])]}
+    new = {"l1": T([[1.0, 1, 0], [3, -1, 0]], requires_grad=True),
+           "l2": T([[0.0, 2, -1]], requires_grad=True)}
+    return build_penalty_groups(old, new), new
+
+
+def test_three_tasks_penalty_counts_every_earlier_adapter():
+    """Task 3 is penalised against A_1 and A_2 both: 'only the last' (1) or 'only the first'
+    (4 / 10) give other values than the hand-computed 5 (L1) and 11 (squared)."""
+    groups, new = _three_task_groups()
+    assert sorted(g.old.shape for g in groups) == [(1, 2, 3), (1, 2, 3)]  # A_1; A_2 stacked
+    assert float(orthogonality_penalty(groups, "l1").detach()) == 5.0
+    assert float(orthogonality_penalty(groups, "squared").detach()) == 11.0
+    orthogonality_penalty(groups, "squared").backward()
+    # layer l1: A_3 ⟂ A_2, so the whole gradient is task 1's pull: 2 A_3 SᵀS with
+    # S = [A_1; A_2], SᵀS = [[1 2 0], [2 4 0], [0 0 1]]  ->  2 [[3 6 0], [1 2 0]].
+    # Against the last adapter only it would be 2 A_3 A_2ᵀA_2 = 0.
+    torch.testing.assert_close(new["l1"].grad, T([[6.0, 12, 0], [2, 4, 0]]))
+    # layer l2: A_3 ⟂ A_1, the pull is task 2's: 2 (A_3 A_2ᵀ) A_2 = 2 · 1 · [0 1 1].
+    torch.testing.assert_close(new["l2"].grad, T([[0.0, 2, 2]]))
+
+
+@pytest.fixture
+def three_task_config(tiny_run_config, tmp_path):
+    """tiny_run_config with a third task `c` (person vs location glosses)."""
+    from conftest import _write_task
+
+    train, eval_ = _write_task(tmp_path, "c", ["noun.person", "noun.location"], 24, 8, "csv")
+
+    def make(strategy: str) -> dict:
+        data = tiny_run_config(strategy)
+        data["tasks"].append({"name": "c", "train": str(train), "eval": str(eval_)})
+        return data
+
+    return make
+
+
+@pytest.mark.parametrize("mode", ["merged", "active"])
+def test_three_tasks_penalty_groups_hold_both_earlier_adapters(three_task_config, monkeypatch,
+                                                               mode):
+    """3 tiny tasks, λ1 = [0, 0, 2]: before task 3 every penalty group stacks the kept A_1 and
+    A_2 of each module (in task order), and task 3's first step adds
+    2 · Σ_modules (Σ|A_1 A_3ᵀ| + Σ|A_2 A_3ᵀ|), which is more than the last adapter's term."""
+    expected = {}
+    original = OloraStrategy.before_task
+
+    def before_task(self, ctx):
+        original(self, ctx)
+        if ctx.t != 3:
+            return
+        f1, f2 = self.finished
+        f3 = lora_factors(ctx.family.backbone, "task3")
+        assert len(f3) == 4 and set(f1) == set(f2) == set(f3)  # query, value × 2 layers
+        seen = []
+        for group in self.groups:
+            for j, key in enumerate(group.keys):
+                torch.testing.assert_close(group.old[j], torch.cat([f1[key].A, f2[key].A]),
+                                           rtol=0, atol=0)
+                seen.append(key)
+        assert sorted(seen) == sorted(f3)
+        expected["all"] = 2.0 * float(sum((f[k].A @ f3[k].A.T).abs().sum()
+                                          for k in f3 for f in (f1, f2)))
+        expected["last"] = 2.0 * float(sum((f2[k].A @ f3[k].A.T).abs().sum() for k in f3))
+
+    monkeypatch.setattr(OloraStrategy, "before_task", before_task)
+    data = three_task_config("olora")
+    data["strategy"]["options"] = {"lambda1": [0.0, 0.0, 2.0], "frozen_adapters": mode}
+    result = run(load_run_config(None, data=data), echo=lambda _: None)
+    steps = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in steps if e["event"] == "step"]
+    assert all(e["extra_loss"] is None for e in steps if e["task"] in ("a", "b"))
+    first = next(e for e in steps if e["task"] == "c" and e["step"] == 0)
+    assert expected["all"] > 1.01 * expected["last"] > 0
+    assert first["extra_loss"] == pytest.approx(expected["all"], rel=1e-5)
+
+
 def test_lambda1_list_must_match_task_count():
     strategy = OloraStrategy(OloraStrategy.Options(lambda1=[0.0, 0.5, 5.0]))
     assert [strategy.lambda1_for(t, 3) for t in (1, 2, 3)] == [0.0, 0.5, 5.0]
