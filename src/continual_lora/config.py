@@ -78,7 +78,9 @@ class ModelConfig(Strict):
     that supports it; CPUs here train in float32)."""
     packing: bool = False
     """Causal LM: concatenate the examples of a batch into as few rows of `max_length` tokens
-    as they fill (less padding); each keeps its own loss mask."""
+    as they fill (less padding); each keeps its own loss mask, its own position ids and a
+    block-diagonal causal attention mask, so the result is padded training's (to float
+    rounding). Checked on the model first; one that fails trains padded, the log says why."""
     qa_template: str = "Question: {question}\nAnswer:"
     """Causal LM: the prompt of a question/answer example; the completion is ` {answer}`
     followed by the end-of-text token."""

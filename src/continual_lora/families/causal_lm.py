@@ -17,8 +17,17 @@ not prefixes of each other is an error (we would not know which tokens to learn)
 
 Training loss: the mean next-token cross-entropy over the batch's loss tokens (what
 transformers computes), and per example the mean over its own tokens (logs). With
-`model.packing`, a batch's examples are laid end to end in rows of `max_length` tokens (in batch
-order: a new row when the next one does not fit), each keeping its own loss mask.
+`model.packing`, a batch's examples are laid end to end in rows of at most `max_length` tokens
+(in batch order: a new row when the next one does not fit; `packing.py`'s layout), each keeping
+its own loss mask and targets (an example's first token is never a target of the previous
+example's last), its own position ids from 0, and a block-diagonal causal attention mask: a
+token sees only the earlier tokens of its own example. Every example then gets the logits it
+gets in the padded batch, so the loss, gradients and adapter are those of padded training up
+to float rounding, and LwF's teacher (computed padded) matches the student at step 0. That is
+checked once on the model (`packing_check`: packed logits within 1e-4 of padded ones); a model
+whose forward does not honour position ids and 4-D masks trains padded, and the log says why.
+Packing in batch order keeps the loss tokens in row-major order = examples in batch order,
+tokens in order: the order of LwF's teacher cache.
 
 Scores (one number per task, higher is better, as the accuracy matrix wants):
 
@@ -53,6 +62,7 @@ from continual_lora.families.common import (
     load_tokenizer,
     resolve_model_path,
 )
+from continual_lora.families.packing import additive_mask_dtype, packed_layout, packing_check
 from continual_lora.sequence import TaskData, TextProbe
 
 IGNORE = -100  # target of positions without loss (the value transformers uses)
@@ -114,11 +124,14 @@ class CausalLMModule(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, input_ids, attention_mask, targets, segments, task_ids, example_ids=None):
+    def forward(self, input_ids, attention_mask, targets, segments, task_ids, example_ids=None,
+                position_ids=None):
         """(batch loss, per-example loss, logits). `segments[r, j]` is the example (0..B-1)
-        whose target sits at (r, j), -1 where there is none; `task_ids`/`example_ids` ride along
-        for logging and strategies' per-example caches."""
-        logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask)[0]
+        whose token sits at (r, j), -1 where there is none; `task_ids`/`example_ids` ride along
+        for logging and strategies' per-example caches. A packed batch brings its 4-D mask and
+        per-example `position_ids`; a padded one neither (the model numbers positions 0..)."""
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
         token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                      ignore_index=IGNORE, reduction="none")
         has_loss = targets.flatten() != IGNORE
@@ -151,6 +164,7 @@ class CausalLMFamily(ModelFamily):
         self._tasks: dict[int, TaskData] = {}
         self.device = torch.device("cpu")
         self.accelerator = None  # set by the runner; each process scores everything (unsharded)
+        self._packing_refused: str | None = None  # None: not checked yet; "": packing works
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -264,26 +278,38 @@ class CausalLMFamily(ModelFamily):
         return self._token_cache[key]
 
     def _batch(self, encoded: list[tuple[list[int], list[int]]], pack: bool) -> dict:
-        """Right-padded rows (packed when asked) with shifted targets and segment ids."""
-        rows = (pack_rows([len(ids) for ids, _ in encoded], self.cfg.max_length) if pack
-                else [[i] for i in range(len(encoded))])
-        width = max(sum(len(encoded[i][0]) for i in row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        segments = torch.full((len(rows), width), -1, dtype=torch.long)
-        for r, row in enumerate(rows):
-            at = 0
-            for i in row:
-                ids, mask = encoded[i]
-                n = len(ids)
-                input_ids[r, at:at + n] = torch.tensor(ids)
-                attention[r, at:at + n] = 1
-                targets[r, at:at + n] = torch.tensor(shifted_targets(ids, mask))
-                segments[r, at:at + n] = i
-                at += n
-        return {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device),
-                "targets": targets.to(self.device), "segments": segments.to(self.device)}
+        """One right-padded row per example with shifted targets and segment ids, or those
+        rows packed (`_pack`), on the device."""
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        targets = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
+        segments = torch.full((len(encoded), width), -1, dtype=torch.long)
+        for i, (ids, mask) in enumerate(encoded):
+            n = len(ids)
+            input_ids[i, :n] = torch.tensor(ids)
+            attention[i, :n] = 1
+            targets[i, :n] = torch.tensor(shifted_targets(ids, mask))  # within the example
+            segments[i, :n] = i
+        batch = {"input_ids": input_ids, "attention_mask": attention, "targets": targets,
+                 "segments": segments}
+        if pack:
+            batch = self._pack(batch)
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def _pack(self, padded: dict) -> dict:
+        """A padded batch's examples laid end to end in rows of at most `max_length` tokens, in
+        batch order (`pack_rows`), with a block-diagonal causal mask (boolean for SDPA,
+        additive for eager attention) and each example's own position ids from 0. Targets
+        and segments move with their tokens, so no target crosses an example boundary."""
+        mask = padded["attention_mask"]
+        layout = packed_layout(mask, pack_rows(mask.sum(1).tolist(), self.cfg.max_length))
+        return {"input_ids": layout.pack(padded["input_ids"], self.pad_id),
+                "attention_mask": layout.attention_mask(additive_mask_dtype(self.backbone),
+                                                        causal=True),
+                "position_ids": layout.position_ids,
+                "targets": layout.pack(padded["targets"], IGNORE),
+                "segments": layout.pack(padded["segments"], -1)}
 
     # -- the engine's interface -----------------------------------------------------------------
 
@@ -293,10 +319,51 @@ class CausalLMFamily(ModelFamily):
 
     def collate(self, examples: list[tuple[int, int]], tasks: dict[int, TaskData]) -> dict:
         encoded = [self._tokens(tasks[t], "train")[i] for t, i in examples]
-        batch = self._batch(encoded, self.cfg.packing)
+        batch = self._batch(encoded, self.cfg.packing and not self._packing_refused)
         batch["task_ids"] = torch.tensor([t for t, _ in examples], device=self.device)
         batch["example_ids"] = torch.tensor([i for _, i in examples], device=self.device)
         return batch
+
+    def prepare_training(self, stream, tasks: dict[int, TaskData], train_cfg) -> str | None:
+        """With `model.packing`: check once that this model computes on packed rows what it
+        computes padded; a model that does not trains padded, and the line says why."""
+        if not self.cfg.packing:
+            return None
+        if self._packing_refused is None:  # the model's behaviour does not change: check once
+            self._packing_refused = self._check_packing(
+                [self._tokens(tasks[t], "train")[i] for t, i in stream.order[:8]])
+        if self._packing_refused:
+            return f"packing off: {self._packing_refused}"
+        return ("packed batches: examples end to end in rows of at most "
+                f"{self.cfg.max_length} tokens, each attending to itself only (checked: the "
+                "logits equal the padded batch's)")
+
+    def _check_packing(self, sample: list[tuple[list[int], list[int]]]) -> str:
+        """Why packing must stay off ("" when packed logits equal padded ones on every real
+        token). The sample is cut to pieces of different lengths, at most a quarter of
+        `max_length`, so that rows hold several examples and the padded batch has padding.
+        Both sides list the real tokens in row-major order, which packing in batch order
+        keeps as batch order: the check also covers the order the loss and LwF rely on.
+        The tolerance is 1e-4 of the logits' scale, or 4 rounding units of a half-precision
+        model (bfloat16: 0.03; measured 0.002 on the tiny Llama, where attending across
+        examples moves the logits by 0.2): packed rows take other kernel shapes, whose
+        half-precision rounding alone would fail 1e-4."""
+        cut = max(2, self.cfg.max_length // 4)
+        cuts = [ids[: max(1, cut - k)] for k, (ids, _) in enumerate(sample)]
+        pieces = [(ids, [1] * len(ids)) for ids in cuts]  # the loss mask plays no part here
+        padded, packed = self._batch(pieces, pack=False), self._batch(pieces, pack=True)
+
+        def logits(batch: dict) -> torch.Tensor:
+            extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+            out = self.backbone(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"], **extra)[0]
+            return out[batch["segments"] != -1].float()
+
+        dtype = self.backbone.get_input_embeddings().weight.dtype
+        with self._eval():
+            return packing_check(lambda *_: logits(padded), lambda *_: logits(packed),
+                                 padded["input_ids"], padded["attention_mask"],
+                                 max(1e-4, 4 * torch.finfo(dtype).eps))
 
     def forward(self, batch: dict, module: nn.Module | None = None) -> ForwardOutput:
         loss, per_example, logits = (module or self.module)(**batch)

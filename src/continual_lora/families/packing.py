@@ -47,14 +47,19 @@ class PackedLayout:
         out[self.target] = padded.reshape(-1, *tail)[self.source]
         return out.view(self.rows, self.row_len, *tail)
 
-    def attention_mask(self, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def attention_mask(self, additive_dtype: torch.dtype | None = None,
+                       causal: bool = False) -> torch.Tensor:
         """`(rows, 1, row_len, row_len)` mask that keeps each token inside its sequence:
         boolean (True: may attend), as SDPA takes it, or with `additive_dtype` the additive
         form eager attention adds to its scores (0, or the dtype's minimum). Padding slots see
         each other, so no softmax row is empty (an all-masked row would give NaN, and NaN
-        times a zero pooling weight is still NaN)."""
+        times a zero pooling weight is still NaN). `causal` (a decoder): a token sees only
+        its own sequence's earlier tokens and itself (a padding slot still sees itself)."""
         seg = self.segment.view(self.rows, self.row_len)
         same = (seg[:, :, None] == seg[:, None, :]).unsqueeze(1)
+        if causal:
+            same &= torch.ones(self.row_len, self.row_len, dtype=torch.bool,
+                               device=seg.device).tril()
         if additive_dtype is None:
             return same
         mask = torch.zeros(same.shape, dtype=additive_dtype, device=seg.device)
@@ -88,13 +93,21 @@ def plan_rows(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def packed_layout(attention_mask: torch.Tensor) -> PackedLayout:
-    """The layout of a right-padded batch (its mask: 1 on real tokens, first ones first)."""
+def packed_layout(attention_mask: torch.Tensor,
+                  rows: list[list[int]] | None = None) -> PackedLayout:
+    """The layout of a right-padded batch (its mask: 1 on real tokens, first ones first).
+    `rows` (the examples of each row, in their order there) replaces the default plan
+    (`plan_rows` in rows of max(width, MIN_ROW_TOKENS)); rows are then as long as the
+    fullest of them (a causal LM packs in batch order, so that its loss tokens keep their
+    order)."""
     batch, width = attention_mask.shape
     lengths = attention_mask.sum(1)
     as_list = lengths.tolist()
-    row_len = max(width, MIN_ROW_TOKENS)
-    rows = plan_rows(as_list, row_len)
+    if rows is None:
+        row_len = max(width, MIN_ROW_TOKENS)
+        rows = plan_rows(as_list, row_len)
+    else:
+        row_len = max(sum(as_list[i] for i in row) for row in rows)
     source, target, positions, first = [], [], [], [0] * batch
     segment = torch.full((len(rows) * row_len,), batch, dtype=torch.long)
     for r, members in enumerate(rows):
