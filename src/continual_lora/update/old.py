@@ -46,8 +46,16 @@ class OldAdapter:
 
     @property
     def first_stage_train(self) -> dict:
-        """The training settings of the stage that wrote this adapter (lr, batch_size, ...)."""
-        return (self.lineage or {}).get("train") or {}
+        """The training settings (lr, batch_size, ...) of the lineage's first trained stage:
+        the oldest stage with a `train` record that is not itself an update. The update's
+        recipe scales *that* stage's LR: reading this adapter's own record instead would
+        compound the factor with every update (0.4, then 0.16, then 0.064 × the first LR).
+        A merge has no `train` record and is skipped; an update is skipped because its LR is
+        already scaled. {} when no such stage is recorded (no lineage.json, or only updates
+        of an adapter that had none): the recipe then assumes the tool's default, as the first
+        update of that chain did."""
+        return next((stage["train"] for stage in self.stages
+                     if stage.get("train") and not _is_update(stage)), {})
 
     @property
     def stages(self) -> list[dict]:
@@ -60,6 +68,11 @@ class OldAdapter:
     @property
     def head_tasks(self) -> list[dict]:
         return list((self.heads_meta or {}).get("tasks", []))
+
+
+def _is_update(stage: dict) -> bool:
+    """A stage written by `continual-lora update` (its export records the update's plan)."""
+    return "update" in (stage.get("export") or {})
 
 
 def locate_adapter(path: Path) -> Path:

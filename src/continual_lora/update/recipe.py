@@ -50,9 +50,10 @@ def learning_rate(requested: float | None, old_lr: float | None, scale: float) -
         return Choice(old_lr * scale, f"{scale:g} × the first stage's lr {old_lr:g} (from the "
                                       "old adapter's lineage)")
     return Choice(TOOL_DEFAULT_LR * scale,
-                  f"{scale:g} × {TOOL_DEFAULT_LR:g}: the old adapter has no lineage, so the first "
-                  "stage's lr is unknown and this tool's default is assumed; pass --lr if it was "
-                  "trained otherwise")
+                  f"{scale:g} × {TOOL_DEFAULT_LR:g}: the old adapter's lineage does not record "
+                  "its first stage (no lineage.json, or only updates of an adapter without one), "
+                  "so the first stage's lr is unknown and this tool's default is assumed; pass "
+                  "--lr if it was trained otherwise")
 
 
 def batch_size(requested: int | None, old_batch: int | None) -> Choice:
@@ -60,7 +61,8 @@ def batch_size(requested: int | None, old_batch: int | None) -> Choice:
         return Choice(requested, "given")
     if old_batch is not None:
         return Choice(old_batch, "the first stage's (from the old adapter's lineage)")
-    return Choice(DEFAULT_BATCH, "default (the old adapter has no lineage)")
+    return Choice(DEFAULT_BATCH, "default (the old adapter's lineage does not record its first "
+                                 "stage)")
 
 
 def steps(requested: int | None, n_new: int, new_share: float, batch: int) -> Choice:
