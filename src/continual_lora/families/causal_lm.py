@@ -398,6 +398,8 @@ class CausalLMFamily(ModelFamily):
         log-probabilities (N, k), log-probability of all other tokens (N,)). Example i's tokens
         are rows offsets[i]:offsets[i+1], in their order in the example (LwF's teacher)."""
         encoded = self._tokens(task, "train")
+        # A top_k above the vocabulary keeps the whole distribution (and `rest` is then empty).
+        k = min(k, int(self.backbone.get_output_embeddings().weight.shape[0]))
         counts = [sum(mask[1:]) for _, mask in encoded]
         offsets = torch.tensor([0, *np.cumsum(counts).tolist()], dtype=torch.long)
         total = int(offsets[-1])
