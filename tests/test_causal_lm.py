@@ -224,6 +224,15 @@ def test_lwf_top_k_cache_size_and_content(family):
     torch.testing.assert_close(cache.rest[rows], rest)
 
 
+def test_lwf_top_k_above_the_vocabulary_keeps_the_whole_distribution(family):
+    task = _task([{"text": "rain falls"}])
+    vocab = family.backbone.get_output_embeddings().weight.shape[0]
+    cache = TokenCache(*family.token_top_k(task, vocab + 50, 1.0, batch_size=2))
+    assert cache.indices.shape[1] == vocab
+    assert torch.isinf(cache.rest).all()  # nothing is left outside the kept tokens
+    torch.testing.assert_close(cache.logp.exp().sum(-1), torch.ones(len(cache.rest)))
+
+
 def test_top_k_distillation_loss_is_the_kl_of_the_grouped_distributions():
     torch.manual_seed(0)
     vocab, temperature, alpha = 10, 2.0, 1.5
