@@ -20,10 +20,12 @@ from pathlib import Path
 
 import yaml
 
-from continual_lora.checkpoint import create_run_dir, write_text_atomic
+from continual_lora.checkpoint import create_run_dir, refuse_existing, write_text_atomic
 from continual_lora.config import BenchConfig, ConfigError, RunConfig, StrategyConfig
+from continual_lora.output_dir import check_not_input, check_writable, run_inputs
 from continual_lora.registry import get_strategy
 from continual_lora.report.rounds import format_rounds, run_rounds
+from continual_lora.run_lock import FolderLock
 from continual_lora.run_resume import config_diff
 from continual_lora.runner import RunResult, finished_result, run
 
@@ -113,15 +115,34 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print,
               ) -> tuple[Path, list[RunResult]]:
     """Every row of the bench, then the comparison table. With `resume`, finished rows are read
     back from their folders, an interrupted row continues from its checkpoints
-    (`run --resume`), and the rest run as usual."""
+    (`run --resume`), and the rest run as usual. The bench folder is locked while it is
+    written (run_lock.py): a second bench or resume into it is refused."""
     # Under `torchrun`/`accelerate launch` every process runs the bench; the main one writes.
     main = os.environ.get("RANK", "0") == "0"
     bench_dir = bench_dir or Path(cfg.run.output_dir) / cfg.name
-    if resume:
-        _check_same_bench(bench_dir, cfg)
-    elif main:
-        bench_dir = create_run_dir(bench_dir, cfg.run.overwrite, echo)
-        write_text_atomic(bench_dir / "bench.yaml", bench_yaml(cfg))
+    lock = FolderLock(bench_dir, "bench", "bench --resume" if resume else "bench", enabled=main)
+    try:
+        if resume:
+            if bench_dir.is_dir():
+                check_writable(bench_dir, "bench folder")
+            lock.acquire(echo, create=False)
+            _check_same_bench(bench_dir, cfg)
+        elif main:
+            lock.check()
+            check_not_input(bench_dir, run_inputs(cfg.run), cfg.run.overwrite, "bench folder")
+            refuse_existing(bench_dir, cfg.run.overwrite)
+            check_writable(bench_dir, "bench folder")
+            lock.acquire(echo)
+            bench_dir = create_run_dir(bench_dir, cfg.run.overwrite, echo)
+            write_text_atomic(bench_dir / "bench.yaml", bench_yaml(cfg))
+        return bench_dir, _run_rows(cfg, echo, bench_dir, resume, main)
+    finally:
+        lock.release()
+
+
+def _run_rows(cfg: BenchConfig, echo: Callable[[str], None], bench_dir: Path, resume: bool,
+              main: bool) -> list[RunResult]:
+    """Every row of the bench in order (see `run_bench`), the comparison rewritten after each."""
     if not main:
         echo = lambda _: None  # noqa: E731
     results: list[RunResult] = []
@@ -144,7 +165,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print,
         results.append(result)
         if main:
             write_comparison(bench_dir, results)
-    return bench_dir, results
+    return results
 
 
 def format_cell(key: str, value) -> str:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from continual_lora.run_lock import LOCK_NAME, is_only_lock
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +115,15 @@ class RunDirExists(FileExistsError):
     """The run folder exists and overwriting was not asked for."""
 
 
+def _has_content(path: Path) -> bool:
+    """A folder with something in it besides a lock file (see run_lock.py)."""
+    return path.exists() and not is_only_lock(path)
+
+
 def refuse_existing(path: Path, overwrite: bool) -> bool:
     """Raise if `path` is a non-empty folder and `overwrite` is off; True when it is one (and
     will be replaced)."""
-    if not (path.exists() and any(path.iterdir())):
+    if not _has_content(path):
         return False
     if not overwrite:
         raise RunDirExists(
@@ -126,10 +133,22 @@ def refuse_existing(path: Path, overwrite: bool) -> bool:
     return True
 
 
+def clear_folder(path: Path) -> None:
+    """Remove everything in `path` but the folder itself and its lock file (held by this
+    process while it replaces the folder: removing it would let a second writer in)."""
+    for child in path.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def create_run_dir(path: Path, overwrite: bool, echo: Callable[[str], None] = print) -> Path:
     """Create an empty run folder; an existing non-empty one is an error unless `overwrite`."""
     if refuse_existing(path, overwrite):
         echo(f"overwriting existing run folder {path}")
-        shutil.rmtree(path)
+        clear_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

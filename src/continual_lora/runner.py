@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import shutil
 import time
@@ -56,6 +57,7 @@ from continual_lora.config import ConfigError, RunConfig
 from continual_lora.families import make_family
 from continual_lora.lineage import StageLineage, stage_facts, weights_identity
 from continual_lora.monitor import RunLog, check_trackers
+from continual_lora.output_dir import check_not_input, check_writable, run_inputs
 from continual_lora.registry import get_strategy
 from continual_lora.resume import (
     CheckpointHook,
@@ -64,6 +66,7 @@ from continual_lora.resume import (
     prune,
     set_rng_state,
 )
+from continual_lora.run_lock import FolderLock
 from continual_lora.run_resume import (
     CHECKPOINTS,
     check_same_config,
@@ -140,16 +143,30 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         run_dir: Path | None = None, resume: bool = False) -> RunResult:
     """Train `cfg.strategy` over `cfg.tasks` and write the run folder. `row0` may be given by a
     bench that already scored the (identical) starting point. With `resume`, continue the
-    interrupted run in the folder exactly (see run_resume.py)."""
+    interrupted run in the folder exactly (see run_resume.py). The run folder is locked while
+    it is written (run_lock.py): a second run or resume into it is refused."""
+    run_dir = run_dir or Path(cfg.output_dir) / cfg.name
+    # Only the main process of a multi-process run writes, so only it locks.
+    lock = FolderLock(run_dir, "run", "run --resume" if resume else "run",
+                      enabled=os.environ.get("RANK", "0") == "0")
+    try:
+        return _run(cfg, echo, row0, run_dir, resume, lock)
+    finally:
+        lock.release()
 
+
+def _run(cfg: RunConfig, echo: Callable[[str], None], row0: Row | None, run_dir: Path,
+         resume: bool, lock: FolderLock) -> RunResult:
     wall_start = time.perf_counter()
     strategy_cls = get_strategy(cfg.strategy.name)
     strategy = strategy_cls(strategy_cls.Options.model_validate(cfg.strategy.options))
     check_trackers(cfg.train.trackers)
     tasks, probe = load_sequence(cfg)  # data errors surface before any folder is made
-    run_dir = run_dir or Path(cfg.output_dir) / cfg.name
     config_text = _config_yaml(cfg)
     if resume:
+        if run_dir.is_dir():  # (a missing one is named by check_same_config)
+            check_writable(run_dir, "run folder")
+        lock.acquire(echo, create=False)  # before reading what another writer may be writing
         check_same_config(run_dir, config_text)
         progress = read_progress(run_dir, [t.name for t in tasks], probe is not None)
         if (run_dir / "metrics.json").is_file():
@@ -157,7 +174,11 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
                               "nothing to resume")
     else:
         progress = None
-        refuse_existing(run_dir, cfg.overwrite)  # before loading anything
+        # before loading anything: a live writer, an input inside, content, a read-only disk
+        lock.check()
+        check_not_input(run_dir, run_inputs(cfg), cfg.overwrite, "run folder")
+        refuse_existing(run_dir, cfg.overwrite)
+        check_writable(run_dir, "run folder")
 
     # The model and the user's adapter are loaded before the run folder is made: a base or an
     # adapter that does not load leaves nothing behind.
@@ -189,6 +210,7 @@ def run(cfg: RunConfig, echo: Callable[[str], None] = print, row0: Row | None = 
         family.set_backbone(load_adapter(family.backbone, cfg.resolve_path(cfg.lora.init_adapter)))
         parent = _adapter_identity(cfg.resolve_path(cfg.lora.init_adapter))
     if progress is None and main:
+        lock.acquire(echo)
         run_dir = create_run_dir(run_dir, cfg.overwrite, echo)
     log = RunLog(run_dir, cfg.train.trackers, cfg.name, cfg.portable_dump(),
                  [t.name for t in tasks], enabled=main)

@@ -32,7 +32,9 @@ from continual_lora.adapters import (
     make_lora_config,
 )
 from continual_lora.checkpoint import (
+    clear_folder,
     create_run_dir,
+    share_tree,
     write_json_atomic,
     write_text_atomic,
 )
@@ -48,8 +50,10 @@ from continual_lora.config import (
 from continual_lora.families.classifier import ClassifierFamily
 from continual_lora.lineage import StageLineage, stage_facts
 from continual_lora.monitor import RunLog, check_trackers
+from continual_lora.output_dir import check_not_input, check_writable
 from continual_lora.registry import get_strategy
-from continual_lora.resume import latest_checkpoint
+from continual_lora.resume import CheckpointError, latest_checkpoint
+from continual_lora.run_lock import FolderLock, is_only_lock
 from continual_lora.runner import Row, run_lineage, score_row, seed_everything
 from continual_lora.sequence import (
     RetrievalProbe,
@@ -60,10 +64,10 @@ from continual_lora.sequence import (
     format_mix,
     wordnet_upstream,
 )
-from continual_lora.strategies.base import Strategy, TaskContext
-from continual_lora.trainer import TrainStats, make_accelerator, train_task
+from continual_lora.strategies.base import AdapterError, Strategy, TaskContext
+from continual_lora.trainer import TrainingError, TrainStats, make_accelerator, train_task
 from continual_lora.update import recipe
-from continual_lora.update.budget import BudgetHook
+from continual_lora.update.budget import BudgetError, BudgetHook
 from continual_lora.update.config import UpdateConfig
 from continual_lora.update.data import load_tasks, probe_manifest, probe_split
 from continual_lora.update.old import OldAdapter, read_old_adapter
@@ -206,7 +210,7 @@ def _check_base(family: ClassifierFamily, old: OldAdapter, cfg: UpdateConfig,
 
 def _load_adapter(family: ClassifierFamily, old: OldAdapter, base: str) -> None:
     try:
-        family.set_backbone(load_adapter(family.backbone, old.path))
+        family.set_backbone(load_adapter(family.backbone, old.path, what="update --adapter"))
     except AdapterMismatch as exc:  # other load errors (a partial file, ...) pass unchanged
         trained_on = old.base_name or "an unknown base"
         raise ConfigError(f"adapter {old.path} (trained on {trained_on}) does not fit the base "
@@ -464,6 +468,7 @@ def _save_adapter(prep: Prepared, out: Path, info_extra: dict, row1: Row) -> dic
         info = {**info, "update": info_extra}
         record = stage_lineage.write(tmp, out, {**facts, "export": info})
         prep.family.save_task_parts(tmp)
+        share_tree(tmp)  # safetensors writes 0600 files: give them a run's modes (umask)
         names = sorted(p.name for p in tmp.iterdir())
         names.remove("adapter_config.json")
         for name in [*names, "adapter_config.json"]:
@@ -471,22 +476,66 @@ def _save_adapter(prep: Prepared, out: Path, info_extra: dict, row1: Row) -> dic
     return record
 
 
-def run_update(prep: Prepared, resume: bool = False,
-               echo: Callable[[str], None] = print) -> UpdateResult:
+# Errors that a resume would meet again at the same step (the stage is deterministic): after
+# one, the interrupted folder is worth nothing, and a retry must be able to start afresh.
+REPEATING_ERRORS = (ConfigError, TrainingError, BudgetError, AdapterError, CheckpointError)
+
+
+def run_update(prep: Prepared, resume: bool = False, echo: Callable[[str], None] = print,
+               lock: FolderLock | None = None) -> UpdateResult:
+    """Make (or, with `resume`, continue) OUT under its lock, train and save. A new update
+    that fails removes what it wrote when there is nothing to resume: before its first
+    checkpoint, or on an error a resume would repeat."""
     cfg, plan = prep.cfg, prep.plan
     out = cfg.resolve_path(cfg.out)
-    if resume:
-        check_resume(out, plan)
-    else:
+    lock = lock or FolderLock(out, "update", "update --resume" if resume else "update")
+    try:
+        if resume:
+            lock.acquire(echo, create=False)
+            check_resume(out, plan)
+            return _log_and_train(prep, out, resume, echo)
+        existed = out.is_dir()
+        lock.acquire(echo)
         create_run_dir(out, cfg.overwrite, echo)
-        write_text_atomic(out / CONFIG_FILE, _config_yaml(cfg))
-        write_json_atomic(out / PLAN_FILE, plan)
+        try:
+            write_text_atomic(out / CONFIG_FILE, _config_yaml(cfg))
+            write_json_atomic(out / PLAN_FILE, plan)
+            return _log_and_train(prep, out, resume, echo)
+        except BaseException as exc:
+            if isinstance(exc, REPEATING_ERRORS) or not list((out / CHECKPOINTS).glob("step-*")):
+                _remove_written(out, existed)
+                if isinstance(exc, TrainingError):
+                    raise TrainingError(_nothing_kept(str(exc), out)) from None
+            raise
+    finally:
+        lock.release()
+
+
+def _log_and_train(prep: Prepared, out: Path, resume: bool,
+                   echo: Callable[[str], None]) -> UpdateResult:
+    cfg = prep.cfg
     log = RunLog(out, cfg.trackers, out.name, cfg.model_dump(mode="json", exclude={"base_dir"}),
                  [t.name for t in prep.tasks])
     try:
         return _train_and_save(prep, out, log, resume, echo)
     finally:
         log.close()
+
+
+def _remove_written(out: Path, existed: bool) -> None:
+    """Remove what this update wrote in `out`: the folder itself when this update made it, or
+    only its contents when it was there before (an empty folder, or one --overwrite replaced)."""
+    if existed:
+        clear_folder(out)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _nothing_kept(message: str, out: Path) -> str:
+    """The trainer's message, told that an update keeps no checkpoint after a failed step."""
+    message = message.replace(" (finished tasks and the last checkpoint are kept)", "")
+    return (f"{message} Nothing of this update was kept ({out} was removed: --resume would "
+            "repeat the same steps); run it again with other settings.")
 
 
 def _train_and_save(prep: Prepared, out: Path, log: RunLog, resume: bool,
@@ -561,19 +610,52 @@ def _config_yaml(cfg: UpdateConfig) -> str:
 
 def update(cfg: UpdateConfig, echo: Callable[[str], None] = print, dry_run: bool = False,
            resume: bool = False) -> UpdateResult | Prepared:
-    """Plan, print the plan, and (unless `dry_run`) train and save."""
-    if not resume:
-        out = cfg.resolve_path(cfg.out)
-        if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-            hint = (f" It holds an interrupted update: continue it with `continual-lora update "
-                    f"--resume {out}`." if (out / PLAN_FILE).is_file()
-                    and not (out / REPORT_FILE).is_file() else "")
-            raise ConfigError(f"out: {out} already exists and is not empty; nothing was "
-                              f"changed.{hint} Otherwise choose another --out, or pass "
-                              "--overwrite to replace it.")
-    prep = prepare(cfg, echo)
-    echo(prep.plan_text)
-    if dry_run:
-        echo("dry run: nothing was trained or written")
-        return prep
-    return run_update(prep, resume, echo)
+    """Plan, print the plan, and (unless `dry_run`) train and save. OUT is checked before
+    anything loads (not an input, not in use, not existing unless --overwrite, writable) and
+    locked while it is written (run_lock.py)."""
+    out = cfg.resolve_path(cfg.out)
+    lock = FolderLock(out, "update", "update --resume" if resume else "update",
+                      enabled=not dry_run)
+    try:
+        lock.check()
+        if resume:
+            if out.is_dir() and not dry_run:
+                check_writable(out, "--out folder")
+        else:
+            check_out(cfg, out, dry_run)
+        prep = prepare(cfg, echo)
+        echo(prep.plan_text)
+        if dry_run:
+            echo("dry run: nothing was trained or written")
+            return prep
+        return run_update(prep, resume, echo, lock)
+    finally:
+        lock.release()
+
+
+def update_inputs(cfg: UpdateConfig) -> list[tuple[str, Path | None]]:
+    """The local paths an update reads: the adapter, the base (when a folder), the data."""
+    inputs: list[tuple[str, Path | None]] = [("adapter (--adapter)",
+                                              cfg.resolve_path(cfg.adapter))]
+    if cfg.base:
+        inputs.append(("base model (--base)", cfg.resolve_path(cfg.base)))
+    for flag, source in [("--new", cfg.new), *(("--old", s) for s in cfg.old)]:
+        for key in ("train", "eval"):
+            value = getattr(source, key)
+            inputs.append((f"data ({flag})", cfg.resolve_path(value) if value else None))
+    return inputs
+
+
+def check_out(cfg: UpdateConfig, out: Path, dry_run: bool = False) -> None:
+    """A new update's OUT, before anything loads: never an input (or a folder above one, or
+    with --overwrite inside one), not an existing folder unless --overwrite, writable."""
+    check_not_input(out, update_inputs(cfg), cfg.overwrite)
+    if out.exists() and not (out.is_dir() and is_only_lock(out)) and not cfg.overwrite:
+        hint = (f" It holds an interrupted update: continue it with `continual-lora update "
+                f"--resume {out}`." if (out / PLAN_FILE).is_file()
+                and not (out / REPORT_FILE).is_file() else "")
+        raise ConfigError(f"out: {out} already exists and is not empty; nothing was "
+                          f"changed.{hint} Otherwise choose another --out, or pass "
+                          "--overwrite to replace it.")
+    if not dry_run:
+        check_writable(out, "--out folder")
