@@ -375,6 +375,7 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
 
     stage = tmp_path / "tasks" / "01-a"
     peft_unet().save_pretrained(str(stage / "adapter"))
-    with pytest.raises(ConfigError, match="holds the source"):  # --overwrite would delete it
+    # --overwrite would delete it (--out lies inside the stage folder given as the source)
+    with pytest.raises(ConfigError, match="lies inside the source"):
         run_convert(stage, "--to", "diffusers", "--out", stage / "adapter", "--overwrite")
     assert (stage / "adapter" / "adapter_model.safetensors").is_file()

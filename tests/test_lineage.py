@@ -141,7 +141,13 @@ def test_inspect_a_kohya_file(tmp_path, capsys):
     save_file(tensors, str(file), metadata={"ss_sd_model_name": "sd15.safetensors"})
     for path in (file, tmp_path):  # the file, and the folder holding it
         info = _inspect_json(path, capsys)
-        assert info["format"] == "kohya" and "not yet loadable" in info["format_text"]
+        # Loadable: `convert` writes it as PEFT or diffusers (issue 23, item 9).
+        assert info["format"] == "kohya" and "not yet loadable" not in info["format_text"]
+        assert "continual-lora convert" in info["format_text"]
+        # Its factors are zeros: it changes nothing, which inspect says (exit 0 still).
+        assert info["warnings"] == ["every lora_up (2 tensors) is all zero: the adapter changes "
+                                    "nothing (ΔW = s·B·A = 0): saved before any training step, "
+                                    "or an empty save"]
         assert info["ranks"] == [4] and info["alphas"] == [8] and info["scalings"] == [2]
         assert info["adapted_modules"] == 2 and info["target_modules"] == ["lora_te", "lora_unet"]
         assert info["parameters"] == 4 * 16 * 2 + 4 * 8 * 2 + 2  # the two alphas are scalars

@@ -15,22 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from continual_lora.adapter_check import AdapterFileError, read_checked
 from continual_lora.adapters import LoraFactors, concatenate_factors
 from continual_lora.config import ConfigError
 from continual_lora.lineage import LineageError, merge_record
 from continual_lora.merging import DENSE_METHODS, merge_dense, truncated_svd_factors
+from continual_lora.output_dir import check_not_input
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PREFIX = "base_model.model."  # PEFT's prefix of every saved key, whatever the task type
 METHODS = (*DENSE_METHODS, "cat")
 DEFAULT_DROP_RATE = 0.5  # DARE's paper goes to 0.9 on large LMs; small models tolerate less
-
-
-class AdapterFileError(ConfigError):
-    """An adapter folder that cannot be read or merged; the message names the folder."""
 
 
 @dataclass
@@ -53,8 +51,10 @@ class AdapterFiles:
 # -- reading --------------------------------------------------------------------------------------
 
 
-def read_adapter(path: str | Path) -> AdapterFiles:
-    """Read a PEFT LoRA folder; refuses anything whose ΔW we could not compute exactly."""
+def read_adapter(path: str | Path, use: str = "merge it") -> AdapterFiles:
+    """Read a PEFT LoRA folder; refuses anything whose ΔW we could not compute exactly, and a
+    file that is not whole, holds NaN/Inf or changes nothing (`adapter_check`; `use` says what
+    it was read for, in that message)."""
     path = Path(path)
     config = _read_config(path)
     weights = path / WEIGHTS_FILE
@@ -62,7 +62,7 @@ def read_adapter(path: str | Path) -> AdapterFiles:
         pickled = " (it has adapter_model.bin: only safetensors are read, never pickle)" \
             if (path / "adapter_model.bin").exists() else ""
         raise AdapterFileError(f"{path}: no {WEIGHTS_FILE}{pickled}")
-    tensors = load_file(str(weights))
+    tensors, _ = read_checked(weights, use)
     return AdapterFiles(path, config, _factors(path, config, tensors))
 
 
@@ -285,9 +285,7 @@ def check_request(req: MergeRequest) -> None:
     if req.weights is not None and len(req.weights) not in (1, len(req.adapters)):
         raise ConfigError(f"--weights: {len(req.weights)} values for {len(req.adapters)} "
                           "adapters (give one, or one per adapter)")
-    resolved = {p.resolve() for p in req.adapters}
-    if req.out.resolve() in resolved:
-        raise ConfigError(f"--out {req.out} is one of the input adapters")
+    check_not_input(req.out, [("input adapter", p) for p in req.adapters], req.overwrite)
     if req.out.exists() and not req.overwrite:
         raise ConfigError(f"--out {req.out} already exists; choose another folder or pass "
                           "--overwrite")

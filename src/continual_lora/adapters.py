@@ -9,6 +9,7 @@ PEFT adapter that `PeftModel.from_pretrained` loads anywhere.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from continual_lora.adapter_check import check_values, read_checked
 from continual_lora.config import ConfigError
 
 # Default LoRA targets by `config.model_type`, for the models users fine-tune most.
@@ -153,43 +155,73 @@ class AdapterMismatch(ConfigError):
         self.detail = detail
 
 
-def load_adapter(backbone: nn.Module, path: str | Path) -> PeftModel:
-    """Load a user's PEFT adapter onto `backbone`, trainable, refusing a silent partial load."""
+def load_adapter(backbone: nn.Module, path: str | Path, what: str = "lora.init_adapter",
+                 trainable: bool = True) -> PeftModel:
+    """Load a user's PEFT adapter onto `backbone` (trainable unless told otherwise), refusing a
+    silent partial load, a file that is not whole, NaN/Inf, an adapter that changes nothing and
+    a pickle that is not plain tensors; `what` (the flag or command that named the adapter)
+    starts each message."""
     path = Path(path)
+    use = "train on it" if trainable else f"load it ({what})"
     config_file = path / "adapter_config.json"
+    if not path.exists():
+        raise ConfigError(f"{what}: {path} does not exist")
     if not config_file.is_file():
-        raise ConfigError(
-            f"lora.init_adapter: {path} is not a PEFT adapter folder (no adapter_config.json)"
-        )
-    saved = json.loads(config_file.read_text())
-    if saved.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"lora.init_adapter: {path} is a {saved.get('peft_type')} adapter, "
-                          "not LoRA")
-    keys = check_weights_file(path)
+        raise ConfigError(f"{what}: {path} is not a PEFT adapter folder (no adapter_config.json)")
     try:
-        model = PeftModel.from_pretrained(backbone, str(path), is_trainable=True)
-    except (RuntimeError, ValueError) as exc:
+        saved = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: {config_file} is not valid JSON ({exc})") from None
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{what}: {path} is a {saved.get('peft_type')} adapter, not LoRA")
+    keys = check_weights_file(path, use)
+    try:
+        model = PeftModel.from_pretrained(backbone, str(path), is_trainable=trainable)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(unsafe_pickle_message(path / "adapter_model.bin", exc)) from None
+    except (RuntimeError, ValueError, OSError, EOFError) as exc:
         trained_on = saved.get("base_model_name_or_path") or "an unnamed base"
         this_base = getattr(getattr(backbone, "config", None), "_name_or_path", "") or "?"
         detail = " ".join(str(exc).split())[:400]
+        if keys is None and "size mismatch" not in detail:  # the .bin itself did not read
+            raise ConfigError(f"{what}: {path / 'adapter_model.bin'} cannot be read by "
+                              f"torch.load(weights_only=True) ({type(exc).__name__}: "
+                              f"{detail}): truncated or corrupted? Copy it again, or use "
+                              "another adapter") from None
+        if isinstance(exc, OSError | EOFError):
+            raise
         raise AdapterMismatch(
-            f"lora.init_adapter: {path} (trained on {trained_on}) does not fit this base model "
+            f"{what}: {path} (trained on {trained_on}) does not fit this base model "
             f"({this_base}): {detail}. Load it on the base it was trained on.", detail) from None
     check_complete_load(model, path, keys)
+    if keys is None:  # a .bin: its values are known only now that PEFT has read them
+        check_values({name: p for name, p in model.named_parameters()
+                      if "lora_" in name and ".default." in name},
+                     path / "adapter_model.bin", use)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_trainable == 0:
-        raise ConfigError(f"lora.init_adapter: {path} loaded with 0 trainable parameters")
+    if trainable and n_trainable == 0:
+        raise ConfigError(f"{what}: {path} loaded with 0 trainable parameters")
     return model
 
 
-def check_weights_file(path: Path) -> set[str] | None:
-    """The adapter's weights must be a complete safetensors file (its header is checked against
-    the file's size when it is opened); returns its tensor names. A `.bin` alone is read by
-    PEFT with `torch.load(weights_only=True)` (tensors only, no code), with a warning, and
-    None is returned."""
-    import warnings
+def unsafe_pickle_message(file: Path, exc: Exception) -> str:
+    """One line for a pickle that `torch.load(weights_only=True)` refused."""
+    import re
 
-    from safetensors import safe_open
+    named = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the global it refused
+    named = named.group(1) if named else None
+    return (f"{file}: a pickle that holds more than tensors"
+            + (f" (it names {named})" if named else "")
+            + ": torch.load(weights_only=True) refused it and nothing in it was run. Convert "
+            "the adapter to safetensors from a copy you trust, or use another adapter")
+
+
+def check_weights_file(path: Path, use: str = "load it") -> set[str] | None:
+    """The adapter's weights must be a whole safetensors file, finite and not all zero
+    (`adapter_check.read_checked`; `use` says what for, in the message); returns its tensor
+    names. A `.bin` alone is read by PEFT with `torch.load(weights_only=True)` (tensors only,
+    no code), with a warning, and None is returned."""
+    import warnings
 
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
@@ -199,14 +231,7 @@ def check_weights_file(path: Path) -> set[str] | None:
             return None
         raise ConfigError(f"{path}: no adapter_model.safetensors (nor .bin) beside "
                           "adapter_config.json")
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            return set(fh.keys())
-    except Exception as exc:  # safetensors raises its own error type for each kind of damage
-        raise ConfigError(
-            f"{weights}: not a complete safetensors file ({exc}): truncated or corrupted, by an "
-            "interrupted copy or save? Copy it again, or use an earlier adapter or the run's "
-            "last good checkpoint (`continual-lora run --resume`)") from None
+    return set(read_checked(weights, use)[0])
 
 
 def check_complete_load(model: PeftModel, path: Path, keys: set[str] | None,

@@ -13,6 +13,7 @@ from pathlib import Path
 from continual_lora import convert as convert_cli
 from continual_lora.checkpoint import RunDirExists
 from continual_lora.config import ConfigError, is_bench_config, load_bench_config, load_run_config
+from continual_lora.lineage import LineageError
 from continual_lora.report.page import write_report_or_warn
 from continual_lora.resume import CheckpointError
 from continual_lora.strategies.base import AdapterError
@@ -21,7 +22,7 @@ from continual_lora.update import cli as update_cli
 from continual_lora.update.budget import BudgetError
 
 USER_ERRORS = (ConfigError, RunDirExists, TrainingError, AdapterError, BudgetError,
-               CheckpointError)
+               CheckpointError, LineageError)
 
 
 def _main_process() -> bool:
@@ -377,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            # Output folders are probed before anything loads (output_dir.py); this is a path
+            # that became unwritable later, or an input that cannot be read.
+            why = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+            print(f"error: {exc.filename or 'a file'}: {why}. Check that path's permissions "
+                  "and that its disk is mounted writable, or choose another output folder.",
+                  file=sys.stderr)
+            return 2
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         print(f"error: no space left on the device while writing {exc.filename or 'a file'}. "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from continual_lora.adapter_check import check_has_update
 from continual_lora.adapter_files import CONFIG_FILE, WEIGHTS_FILE
 from continual_lora.checkpoint import atomic_dir, write_bytes_atomic
 from continual_lora.config import ConfigError
@@ -49,6 +50,7 @@ from continual_lora.kohya import (
     to_kohya,
     to_peft,
 )
+from continual_lora.output_dir import check_not_input
 
 TARGETS = ("kohya", "peft", "diffusers")
 STAGE_ADAPTER = "adapter"  # a run's stage folder keeps its PEFT adapter here
@@ -288,7 +290,7 @@ def _check_out(src: Path, to: str, out: Path, overwrite: bool) -> None:
     """User errors before anything is read, each naming the flag."""
     if to not in TARGETS:
         raise ConfigError(f"--to {to}: unknown; choose from {', '.join(TARGETS)}")
-    _check_not_source(out, src)
+    _check_not_source(out, src, overwrite)
     if to == "kohya" and out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: a kohya LoRA is one file; give a name ending in "
                           ".safetensors")
@@ -299,12 +301,9 @@ def _check_out(src: Path, to: str, out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a folder; a kohya LoRA is one .safetensors file")
 
 
-def _check_not_source(out: Path, source: Path) -> None:
+def _check_not_source(out: Path, source: Path, overwrite: bool) -> None:
     """Replacing --out must not delete what was read (a stage's adapter/, or a folder above)."""
-    out, source = out.resolve(), source.resolve()
-    if out == source or out in source.parents:
-        raise ConfigError(f"--out {out} holds the source {source}; writing there would replace "
-                          "it. Choose another path")
+    check_not_input(out, [("source", source)], overwrite)
 
 
 def describe(modules: dict[str, LoraModule]) -> str:
@@ -323,7 +322,9 @@ def convert(src: str | Path, to: str, out: str | Path, base: str | Path | None =
     src, out = Path(src), Path(out)
     _check_out(src, to, out, overwrite)
     lora = read_lora(src)
-    _check_not_source(out, lora.path)
+    _check_not_source(out, lora.path, overwrite)
+    up = ".lora_up.weight" if lora.format == "kohya" else ".lora_B.weight"
+    check_has_update({m.key + up: m.up for m in lora.modules.values()}, lora.path, "convert it")
     echo(f"read {lora.path}: {lora.format}, {describe(lora.modules)}")
     if base is not None:
         modules, report = check_against_base(lora, base)

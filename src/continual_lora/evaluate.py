@@ -1,7 +1,9 @@
 """Reload a saved stage of a run folder (base + PEFT adapter + heads) and score it again.
 
-The adapter is loaded with plain `PeftModel.from_pretrained`, exactly as a user would load it
-anywhere else, so `continual-lora eval` also checks that what we saved is what we measured.
+The adapter is loaded with `PeftModel.from_pretrained`, exactly as a user would load it
+anywhere else, so `continual-lora eval` also checks that what we saved is what we measured. Its
+file is checked first, before the model loads (`adapters.check_weights_file`: whole, finite, not
+all zero), and the load must apply every module (no silent partial load).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file
 from torch import nn
 
+from continual_lora.adapter_check import check_finite, read_weights
+from continual_lora.adapters import check_weights_file, load_adapter
 from continual_lora.config import ConfigError, load_run_config
 from continual_lora.families import make_family
 from continual_lora.families.classifier import ClassifierFamily
@@ -30,9 +32,11 @@ def stage_dirs(run_dir: Path) -> list[Path]:
 
 
 def load_heads(family: ClassifierFamily, stage_dir: Path) -> dict:
-    """Put the heads saved in `stage_dir` into the family's module; returns heads.json."""
+    """Put the heads saved in `stage_dir` into the family's module; returns heads.json. The
+    heads file is checked like an adapter's: whole and finite."""
     meta = json.loads((stage_dir / "heads.json").read_text())
-    tensors = load_file(str(stage_dir / "heads.safetensors"))
+    tensors, _ = read_weights(stage_dir / "heads.safetensors")
+    check_finite(tensors, stage_dir / "heads.safetensors")
     family.module.heads = nn.ModuleDict()
     for key in sorted({k.rsplit(".", 1)[0] for k in tensors}):
         weight, bias = tensors[f"{key}.weight"], tensors[f"{key}.bias"]
@@ -54,6 +58,7 @@ def load_stage(run_dir: Path, stage: int | None = None):
     if not 1 <= stage <= len(stages):
         raise ConfigError(f"--stage must be between 1 and {len(stages)}, got {stage}")
     stage_dir = stages[stage - 1]
+    check_stage_adapters(stage_dir)
     tasks, probe = load_sequence(cfg)
     family = make_family(cfg.model, cfg.seed)
     family.load()
@@ -65,7 +70,8 @@ def load_stage(run_dir: Path, stage: int | None = None):
         init = cfg.resolve_path(cfg.lora.init_adapter) if cfg.lora.init_adapter else None
         scorer = SavedMixture(family, stage_dir / "adapter", init)
     elif (stage_dir / "adapter").is_dir():
-        family.set_backbone(PeftModel.from_pretrained(family.backbone, str(stage_dir / "adapter")))
+        family.set_backbone(load_adapter(family.backbone, stage_dir / "adapter", what="eval",
+                                         trainable=False))
     elif (stage_dir / "model").is_dir():
         family.set_backbone(family.load_saved_backbone(stage_dir / "model"))
     else:
@@ -77,6 +83,23 @@ def load_stage(run_dir: Path, stage: int | None = None):
         for t in meta["tasks"]:
             family._tasks[t["index"]] = tasks[t["index"] - 1]
     return cfg, tasks, probe, family, stage, scorer
+
+
+def check_stage_adapters(stage_dir: Path) -> None:
+    """The stage's adapter files (a mixture's: each task's), checked before any model loads:
+    a damaged, non-finite or empty adapter is named at once."""
+    adapter = stage_dir / "adapter"
+    if (adapter / "router.json").is_file():
+        folders = sorted(p for p in adapter.iterdir() if (p / "adapter_config.json").is_file())
+    elif (adapter / "adapter_config.json").is_file():
+        folders = [adapter]
+    elif adapter.is_dir():
+        raise ConfigError(f"eval: {adapter} is not a PEFT adapter folder (no "
+                          "adapter_config.json): the stage's adapter is missing or damaged")
+    else:
+        folders = []
+    for folder in folders:
+        check_weights_file(folder, "score it (eval)")
 
 
 def evaluate_run(run_dir: Path, stage: int | None = None) -> tuple[Row, list[float], int]:

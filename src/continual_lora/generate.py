@@ -46,7 +46,7 @@ def load_for_generation(adapter: Path | None, base: str | None,
                         trust_remote_code: bool = False) -> Loaded:
     from transformers import AutoModelForCausalLM
 
-    from continual_lora.adapters import load_adapter
+    from continual_lora.adapters import check_weights_file, load_adapter
     from continual_lora.config import ConfigError
     from continual_lora.lineage import read_lineage
     from continual_lora.update.old import locate_adapter
@@ -57,6 +57,7 @@ def load_for_generation(adapter: Path | None, base: str | None,
         base = str(adapter)  # a full model folder (full fine-tuning's `model/`)
     elif adapter is not None:
         folder = locate_adapter(Path(adapter))
+        check_weights_file(folder, "generate with it")  # before the base loads
         if base is None:
             lineage = read_lineage(folder)
             config = json.loads((folder / "adapter_config.json").read_text())
@@ -70,7 +71,7 @@ def load_for_generation(adapter: Path | None, base: str | None,
     tokenizer = load_tokenizer(path, cfg)
     model = load_pretrained(AutoModelForCausalLM, path, cfg, "causal LM")
     if folder is not None:
-        model = load_adapter(model, folder)
+        model = load_adapter(model, folder, what="generate --adapter", trainable=False)
     template = (_run_qa_template(folder) if folder else None) or DEFAULT_QA_TEMPLATE
     return Loaded(model.eval(), tokenizer, base, folder, template)
 

@@ -1,38 +1,46 @@
 """`continual-lora inspect`: what an adapter folder (or file) is, read without the base model.
 
 Formats recognised: PEFT LoRA (`adapter_config.json` + `adapter_model.safetensors`), kohya LoRA
-(a `.safetensors` file, or a folder holding one, with `lora_down`/`lora_up`/`.alpha` keys: read
-only, not yet loadable) and full weights (`config.json` + `*.safetensors`). Tensor shapes and
-dtypes come from the safetensors header; the only tensor values read are kohya's `.alpha`
-scalars. Pickle files are never opened.
+(a `.safetensors` file, or a folder holding one, with `lora_down`/`lora_up`/`.alpha` keys, which
+`continual-lora convert` turns into PEFT or diffusers and diffusers' `load_lora_weights` loads)
+and full weights (`config.json` + `*.safetensors`). Tensor shapes and dtypes come from the
+safetensors header, which is checked to describe the whole file (`adapter_check.read_header`:
+a truncated file is an error). An adapter's tensors are all read (adapters are small): a NaN or
+Inf is an error naming the tensor, and an adapter whose every up factor is zero is reported
+with a warning (it changes nothing). Full weights are not read beyond their headers. Pickle
+files are never opened.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 
+from continual_lora.adapter_check import (
+    check_finite,
+    read_header,
+    read_weights,
+    up_factors,
+    zero_update_note,
+)
 from continual_lora.adapter_files import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
 from continual_lora.lineage import LineageError, read_lineage, verify, weights_identity
 
-KOHYA_NOTE = "kohya (not yet loadable, see the diffusion issue)"
-MAX_HEADER = 100 << 20  # the safetensors reference reader's own limit
+KOHYA_NOTE = ("kohya LoRA (.safetensors with lora_down / lora_up / alpha; `continual-lora "
+              "convert` writes it as PEFT or diffusers, diffusers' load_lora_weights loads it)")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def read_header(file: Path) -> tuple[dict[str, dict], dict]:
-    """{tensor name: {"dtype", "shape"}} and the `__metadata__` of a safetensors file."""
-    try:
-        with file.open("rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > min(MAX_HEADER, file.stat().st_size - 8):
-                raise ValueError("header length out of range")
-            header = json.loads(fh.read(size))
-    except (OSError, ValueError, struct.error) as exc:
-        raise AdapterFileError(f"{file}: not a readable safetensors file ({exc})") from None
-    metadata = header.pop("__metadata__", None) or {}
-    return {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items()}, metadata
+def _read_values(file: Path) -> tuple[dict[str, dict], dict, dict, list[str]]:
+    """The header (checked whole), the metadata, the tensors and the warnings of an adapter
+    file, every tensor read: NaN/Inf is an error naming the tensor, all-zero up factors a
+    warning."""
+    tensors, metadata = read_header(file)
+    values, _ = read_weights(file)
+    check_finite(values, file)
+    note = zero_update_note(up_factors(values))
+    return tensors, metadata, values, [note] if note else []
 
 
 def _count(tensors: dict[str, dict]) -> tuple[int, list[str]]:
@@ -59,7 +67,7 @@ def _peft(folder: Path) -> dict:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from None
-    tensors, _ = read_header(weights)
+    tensors, _, _, warnings = _read_values(weights)
     ranks = {k.removesuffix(".lora_A.weight").removeprefix("base_model.model."): t["shape"][0]
              for k, t in tensors.items() if k.endswith(".lora_A.weight")}
     alpha_of = {m: _scaling(config, m, r) * (r**0.5 if config.get("use_rslora") else r)
@@ -74,6 +82,7 @@ def _peft(folder: Path) -> dict:
         "scalings": sorted({_scaling(config, m, r) for m, r in ranks.items()}),
         "target_modules": sorted(targets or {m.rsplit(".", 1)[-1] for m in ranks}),
         "adapted_modules": len(ranks), "tensors": tensors, "files": [weights],
+        "warnings": warnings,
     }
 
 
@@ -81,16 +90,11 @@ def _kohya(file: Path) -> dict:
     """kohya keys: `<module>.lora_down.weight` (r × in), `.lora_up.weight`, `.alpha` (a scalar;
     absent means alpha = r, kohya's default). Targets are the module prefixes (`lora_unet`,
     `lora_te`, ...)."""
-    from safetensors import safe_open
-
-    tensors, metadata = read_header(file)
+    tensors, metadata, values, warnings = _read_values(file)
     ranks = {k.removesuffix(".lora_down.weight"): t["shape"][0]
              for k, t in tensors.items() if k.endswith(".lora_down.weight")}
-    alphas = {}
-    with safe_open(str(file), framework="pt") as fh:
-        for module, rank in ranks.items():
-            key = f"{module}.alpha"
-            alphas[module] = float(fh.get_tensor(key).item()) if key in tensors else float(rank)
+    alphas = {m: float(values[f"{m}.alpha"].item()) if f"{m}.alpha" in values else float(r)
+              for m, r in ranks.items()}
     return {
         "format": "kohya", "format_text": KOHYA_NOTE,
         "base_model": metadata.get("ss_sd_model_name") or metadata.get("ss_base_model_version"),
@@ -98,6 +102,7 @@ def _kohya(file: Path) -> dict:
         "scalings": sorted({alphas[m] / r for m, r in ranks.items()}),
         "target_modules": sorted({"_".join(m.split("_")[:2]) for m in ranks}),
         "adapted_modules": len(ranks), "tensors": tensors, "files": [file],
+        "warnings": warnings,
     }
 
 
@@ -114,12 +119,15 @@ def _full(folder: Path) -> dict:
     return {"format": "full_weights", "format_text": "full weights (config.json + "
             f"{', '.join(f.name for f in files)})", "base_model": base, "ranks": [],
             "alphas": [], "scalings": [], "target_modules": [], "adapted_modules": 0,
-            "tensors": tensors, "files": files}
+            "tensors": tensors, "files": files, "warnings": []}
 
 
 def _detect(path: Path) -> tuple[dict, Path | None]:
     """The format's facts, and the folder whose lineage.json applies (None for a lone file)."""
     if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise AdapterFileError(f"{path}: a pickle file; inspect reads safetensors only, "
+                                   "never pickle (loading one can run code)")
         if path.suffix == ".safetensors" and _is_kohya(read_header(path)[0]):
             return _kohya(path), None
         raise AdapterFileError(f"{path}: not an adapter (a kohya LoRA .safetensors file, or a "
@@ -203,7 +211,12 @@ def _nums(values: list[float]) -> str:
 
 
 def format_report(info: dict) -> str:
-    """The human-readable report (the JSON form is `inspect_adapter`'s dict as is)."""
+    """The human-readable report (the JSON form is `inspect_adapter`'s dict as is), its
+    warnings last, where they are read."""
+    return "\n".join([_report(info), *(f"WARNING     {w}" for w in info.get("warnings", []))])
+
+
+def _report(info: dict) -> str:
     lin = info["lineage"]
     base = info["base_model"] or (lin or {}).get("base_model") or "unknown"
     if lin and lin["base_fingerprint"]:

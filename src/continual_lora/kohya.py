@@ -125,8 +125,9 @@ class MatchReport:
 
 
 def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and `__metadata__` of a safetensors file; anything else is refused by name."""
-    from safetensors import SafetensorError, safe_open
+    """Tensors and `__metadata__` of a whole safetensors file without NaN/Inf (`adapter_check`);
+    anything else is refused by name."""
+    from continual_lora.adapter_check import check_finite, read_weights
 
     path = Path(path)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
@@ -136,12 +137,10 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if not path.is_file():
         raise LoraFormatError(f"{path}: no such file")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise LoraFormatError(f"{path}: not a readable safetensors file ({exc}); it may be "
-                              "truncated or corrupt: download or copy it again") from None
+        tensors, metadata = read_weights(path)
+        check_finite(tensors, path)
+    except AdapterFileError as exc:
+        raise LoraFormatError(str(exc)) from None
     if not tensors:
         raise LoraFormatError(f"{path}: holds no tensors")
     return tensors, metadata

@@ -145,21 +145,51 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def read_checkpoint(folder: Path) -> ResumeState:
-    """Load one checkpoint folder, verifying its checksum."""
+    """Load one checkpoint folder, verifying its checksum and its contents; anything else is a
+    CheckpointError naming the folder."""
     try:
         meta = json.loads((folder / META_FILE).read_text())
         data = (folder / STATE_FILE).read_bytes()
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{folder}: unreadable checkpoint ({exc})") from None
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+    if not isinstance(meta, dict) or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise CheckpointError(f"{folder}: {STATE_FILE} does not match the sha256 in {META_FILE} "
                               "(a torn or corrupted write)")
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    # The checksum only says that state.pt is the file meta.json describes. One replaced (meta
+    # and all) by anything but `save_checkpoint` may hold a pickle that weights_only refuses, or
+    # other contents: refused like a torn one, by name, and never a traceback.
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = _resume_state(payload, meta, folder)
+    except Exception as exc:  # pickle, zip, key and type errors alike: not what we wrote
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{folder}: {STATE_FILE} is not a checkpoint this tool wrote "
+                              f"({type(exc).__name__}: {detail}); nothing in it was run") from None
+    bad = [name for name, t in state.params.items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{folder}: {STATE_FILE} holds non-finite parameters ({bad[:3]}): "
+                              "not a state to continue from")
+    return state
+
+
+def _resume_state(payload: dict, meta: dict, folder: Path) -> ResumeState:
+    """The checkpoint's payload as a ResumeState, its parts checked to be what `save_checkpoint`
+    writes (the RNG states are tried on fresh generators, so a bad one fails here, not in the
+    middle of a resume)."""
+    params = dict(payload["params"])
+    if not all(isinstance(t, torch.Tensor) for t in params.values()):
+        raise TypeError("params holds something other than tensors")
+    optimizer, scheduler = dict(payload["optimizer"]), dict(payload["scheduler"])
+    if optimizer and not {"state", "param_groups"} <= set(optimizer):
+        raise KeyError("the optimizer state has no state / param_groups")
     rng = dict(payload["rng"])
     rng["numpy"] = _numpy_rng(rng["numpy"])
-    return ResumeState(payload["steps_done"], payload["params"], payload["optimizer"],
-                       payload["scheduler"], rng, payload["first_loss"], meta.get("extra", {}),
-                       folder)
+    torch.Generator().set_state(rng["torch"])
+    np.random.RandomState().set_state(rng["numpy"])
+    random.Random().setstate(_tuples(rng["python"]))
+    return ResumeState(int(payload["steps_done"]), params, optimizer, scheduler, rng,
+                       float(payload["first_loss"]), dict(meta.get("extra") or {}), folder)
 
 
 def latest_checkpoint(root: Path, echo: Callable[[str], None] = print) -> ResumeState | None:

@@ -105,7 +105,7 @@ def read_update(path: Path) -> Adapter:
     from continual_lora.adapter_files import AdapterFileError, read_adapter
 
     try:
-        files = read_adapter(path)
+        files = read_adapter(path, use="diagnose it")
     except AdapterFileError as exc:
         raise DiagnoseError(f"{exc}. diagnose reads PEFT LoRA folders (adapter_config.json + "
                             "adapter_model.safetensors)") from None

@@ -208,13 +208,16 @@ def export_concatenated(ctx: TaskContext, history: list, out_dir: Path) -> dict:
 
 
 def check_adapter_tensors(model: PeftModel) -> None:
-    """Refuse to save an adapter with no LoRA weights, non-finite values, or B all zero."""
-    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    """Refuse to save an adapter with no LoRA weights, non-finite values, or B all zero: the
+    tests every command makes when it reads an adapter (`adapter_check`), made before writing."""
+    from continual_lora.adapter_check import non_finite, up_factors, zero_update_note
+
+    lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
     if not lora:
         raise AdapterError("the adapter has no LoRA weights: refusing to save an empty adapter")
-    bad = [n for n, p in lora.items() if not torch.isfinite(p).all()]
+    bad = non_finite(lora)
     if bad:
         raise AdapterError(f"non-finite values in {bad[:3]}: refusing to save a broken adapter")
-    if all(float(p.detach().abs().max()) == 0.0 for n, p in lora.items() if "lora_B" in n):
-        raise AdapterError("every lora_B is zero: the adapter does nothing (training changed "
-                           "nothing?): refusing to save it")
+    note = zero_update_note(up_factors(lora))
+    if note:
+        raise AdapterError(f"{note} (did training change nothing?): refusing to save it")
