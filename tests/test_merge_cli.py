@@ -202,3 +202,19 @@ def test_a_merged_adapter_carries_the_lineage_of_its_inputs(tiny_run_config, tmp
     assert main(["merge", str(stages[0]), str(other), "--out", str(tmp_path / "bad")]) == 2
     assert "different base models" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method", ["cat", "task_arithmetic"])
+def test_conv_adapters_merge_and_load(tiny_resnet_tasks, tmp_path, method):
+    """A ResNet's LoRA factors are convolutions (A [r, in, k, k], B [out, r, 1, 1]): merged on
+    their flattened ΔW, written back in PEFT's layout, loaded by plain PEFT."""
+    resnet, _ = tiny_resnet_tasks
+    a = _make_adapter(resnet, tmp_path / "a", 1, 2, 2, ["convolution"])
+    b = _make_adapter(resnet, tmp_path / "b", 2, 2, 4, ["convolution"])
+    out = tmp_path / method
+    assert main(["merge", str(a), str(b), "--method", method, "--out", str(out)]) == 0
+    da, db = _deltas(resnet, a), _deltas(resnet, b)
+    merged = _deltas(resnet, out)
+    assert set(merged) == set(da)
+    for key, got in merged.items():
+        torch.testing.assert_close(got, da[key] + db[key], atol=1e-5, rtol=1e-5)

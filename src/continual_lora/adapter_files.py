@@ -92,18 +92,20 @@ def _factors(path: Path, config: dict, tensors: dict[str, torch.Tensor]
         name = key.removeprefix(PREFIX)
         for part in ("A", "B"):
             suffix = f".lora_{part}.weight"
-            if key.startswith(PREFIX) and name.endswith(suffix) and tensor.dim() == 2:
+            # Linear factors are 2-D; a convolution's are PEFT's [r, in, k, k] / [out, r, 1, 1].
+            if key.startswith(PREFIX) and name.endswith(suffix) and 2 <= tensor.dim() <= 5:
                 modules.setdefault(name.removesuffix(suffix), {})[part] = tensor
                 break
         else:
             raise AdapterFileError(f"{path}: unsupported tensor {key} {tuple(tensor.shape)} "
-                                   "(only LoRA on Linear layers, without modules_to_save, "
-                                   "can be merged)")
+                                   "(only LoRA on Linear and convolution layers, without "
+                                   "modules_to_save, can be merged)")
     if not modules:
         raise AdapterFileError(f"{path}: {WEIGHTS_FILE} holds no LoRA weights")
     out = {}
     for module, parts in sorted(modules.items()):
-        if set(parts) != {"A", "B"} or parts["B"].shape[1] != parts["A"].shape[0]:
+        if set(parts) != {"A", "B"} or parts["B"].shape[1] != parts["A"].shape[0] \
+                or parts["B"][0, 0].numel() != 1:  # a conv's B is a 1×1 kernel
             raise AdapterFileError(f"{path}: module {module} has mismatched or missing "
                                    "lora_A/lora_B")
         A, B = parts["A"].float(), parts["B"].float()
@@ -313,7 +315,7 @@ def merge_adapter_folders(req: MergeRequest) -> dict:
         default_rank = sum(max(f.A.shape[0] for f in a.factors.values()) for a in adapters)
         rank = cap_rank(req.rank or default_rank, factor_sets)
         factors, errors = svd_factors(iter_merged(req.method, factor_sets, req.seed, **opts),
-                                      rank)
+                                      rank, like=factor_sets[0])
     first = adapters[0].config
     info = {"method": req.method, "inputs": [str(p) for p in req.adapters], "weights": weights,
             "density": req.density, "drop_rate": req.drop_rate, "seed": req.seed,
