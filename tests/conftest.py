@@ -199,8 +199,8 @@ def tiny_resnet_run_config(tiny_run_config, tiny_resnet_tasks):
     def make(strategy: str = "naive", **extra) -> dict:
         cfg = tiny_run_config(strategy, **extra)
         cfg["model"] = {"name_or_path": str(model)}
-        cfg["tasks"] = [{"name": n, "train": str(data / n / "train"), "eval": str(data / n / "eval")}
-                        for n in ("a", "b")]
+        cfg["tasks"] = [{"name": n, "train": str(data / n / "train"),
+                         "eval": str(data / n / "eval")} for n in ("a", "b")]
         return cfg
 
     return make

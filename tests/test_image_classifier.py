@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from continual_lora.config import ConfigError, load_run_config
-from continual_lora.data.images import load_embedded_images
 from conftest import save_tiny_image_model as _save_model
 from conftest import write_class_folder as _write_class_folder
+from continual_lora.config import ConfigError, load_run_config
+from continual_lora.data.images import load_embedded_images
 
 ANIMALS = ("bear", "sheep", "cow", "horse")
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 
+from continual_lora.adapter_check import check_finite, read_weights
 from continual_lora.adapters import (
     AdapterMismatch,
     count_parameters,
@@ -165,7 +165,10 @@ def _load_old_heads(family: ClassifierFamily, old: OldAdapter, tasks: list[TaskD
     """The old heads, frozen, re-keyed to the update's task indices (1..k in heads.json order)."""
     if old.heads_dir is None:
         return
-    tensors = load_file(str(old.heads_dir / "heads.safetensors"))
+    # A torn or non-finite heads file is one line naming it, like an adapter's (exit 2).
+    heads_file = old.heads_dir / "heads.safetensors"
+    tensors, _ = read_weights(heads_file)
+    check_finite(tensors, heads_file)
     module = family.module
     for position, saved in enumerate(old.head_tasks, start=1):
         key = "shared" if saved["head"] == "shared" else f"task{position}"
